@@ -35,6 +35,10 @@ class KubernetesLaunchError(RuntimeError):
     """The API refused a request in a way no retry can fix (RBAC, schema, quota)."""
 
 
+class LaunchCancelled(Exception):
+    """cancel() was called; the Job and its pods have been deleted."""
+
+
 def _explain(err: ApiException, verb: str, resource: str, namespace: str) -> KubernetesLaunchError:
     try:
         body = json.loads(err.body or "{}")
@@ -111,10 +115,12 @@ class KubernetesLauncher:
 
     def _wait(self, job_name: str, log: Callable[[str], None]) -> int:
         streams = _LogStreams(self.core, self.cfg.namespace, Path(self.cfg.log_dir) / job_name, log)
+        waiting_seen: set[tuple[str, str]] = set()
         while True:
             pods = self._call("list", "pods", self.core.list_namespaced_pod, self.cfg.namespace,
                               label_selector=f"{JOB_LABEL}={job_name}").items
             streams.follow(pods)
+            _report_waiting(pods, waiting_seen, log)
             job = self._call("get", "jobs.batch", self.batch.read_namespaced_job,
                              job_name, self.cfg.namespace)
             outcome = _outcome(job, pods)
@@ -123,7 +129,20 @@ class KubernetesLauncher:
                 log(f"Job {job_name} finished: exit code {outcome}")
                 return outcome
             if self._cancelled.wait(self.cfg.poll_seconds):
-                raise KeyboardInterrupt(f"launcher for {job_name} cancelled")
+                raise LaunchCancelled(f"stage Job {self.cfg.namespace}/{job_name} cancelled")
+
+
+def _report_waiting(pods: list[k8s.V1Pod], seen: set[tuple[str, str]], log: Callable[[str], None]) -> None:
+    """Say once why a pod is stuck (no GPU node, missing Secret, image pull): else it looks hung."""
+    for pod in pods:
+        reasons = [f"{c.reason}: {c.message}" for c in (pod.status.conditions or [])
+                   if c.status == "False" and c.reason == "Unschedulable"]
+        reasons += [f"{s.state.waiting.reason}: {s.state.waiting.message}"
+                    for s in (pod.status.container_statuses or []) if s.state and s.state.waiting]
+        for reason in reasons:
+            if (pod.metadata.name, reason) not in seen:
+                seen.add((pod.metadata.name, reason))
+                log(f"pod {pod.metadata.name} waiting: {reason}")
 
 
 def _outcome(job: k8s.V1Job, pods: list[k8s.V1Pod]) -> int | None:

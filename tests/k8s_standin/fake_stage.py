@@ -1,0 +1,65 @@
+"""A stand-in for `python -m pipeline <stage>` in launcher tests: fast, and scriptable by env.
+
+FAKE_MODE: ok | exit:<code> | crash-once:<marker file> | steps:<total>:<checkpoint file> |
+rendezvous (torch.distributed gloo over MASTER_ADDR/MASTER_PORT, the real thing DDP does first).
+Every mode prints its argv and rank env first, so tests can see what the pod was given.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+def _steps(total: int, checkpoint: Path) -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # resumable, like the real stage
+    step = int(checkpoint.read_text()) if checkpoint.exists() else 0
+    print(f"resumed from step {step}" if step else "starting from step 0", flush=True)
+    while step < total:
+        time.sleep(0.2)
+        step += 1
+        tmp = checkpoint.with_suffix(".tmp")
+        tmp.write_text(str(step))
+        tmp.replace(checkpoint)  # atomic: an eviction never leaves a half-written checkpoint
+        print(f"step {step}/{total}", flush=True)
+    print(f"finished total_steps={step}", flush=True)
+    return 0
+
+
+def _rendezvous() -> int:
+    import torch.distributed as dist
+    nodes = int(next(a.split("=")[1] for a in sys.argv if a.startswith("trainer.num_nodes=")))
+    dist.init_process_group("gloo", init_method="env://", world_size=nodes, rank=int(os.environ["NODE_RANK"]))
+    print(f"world_size={dist.get_world_size()} global_rank={dist.get_rank()}", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def main() -> int:
+    rank_env = {k: os.environ.get(k) for k in ("NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "HOSTNAME")}
+    print(f"argv={sys.argv[1:]} env={rank_env}", flush=True)
+    mode, _, rest = os.environ.get("FAKE_MODE", "ok").partition(":")
+    if mode == "exit":
+        return int(rest)
+    if mode == "crash-once":
+        marker = Path(rest)
+        if not marker.exists():
+            marker.write_text("crashed")
+            return 1
+        return 0
+    if mode == "sleep":
+        time.sleep(float(rest or 600))
+        return 0
+    if mode == "steps":
+        total, _, checkpoint = rest.partition(":")
+        return _steps(int(total), Path(checkpoint))
+    if mode == "rendezvous":
+        return _rendezvous()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
