@@ -27,7 +27,8 @@ STAGE_LABEL = f"{LABEL_PREFIX}/stage"
 JOB_LABEL = f"{LABEL_PREFIX}/job"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "pipeline-launcher"}
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
-CONFIG_ENV = "PIPELINE_K8S_CONFIG"  # JSON of KubernetesLaunchConfig, set by the k8s/ overlays
+# JSON of KubernetesLaunchConfig fields: base values, then the overlay's (k8s/ ConfigMap training-launch).
+CONFIG_ENVS = ("PIPELINE_K8S_CONFIG", "PIPELINE_K8S_OVERRIDES")
 
 
 class Toleration(BaseModel):
@@ -92,9 +93,11 @@ class KubernetesLaunchConfig(BaseModel):
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "KubernetesLaunchConfig":
-        """Base values from $PIPELINE_K8S_CONFIG (the overlay's choice), then explicit overrides."""
-        base = json.loads(os.environ.get(CONFIG_ENV) or "{}")
-        return cls(**{**base, **overrides})
+        """$PIPELINE_K8S_CONFIG, then $PIPELINE_K8S_OVERRIDES (the overlay), then explicit overrides."""
+        merged: dict[str, Any] = {}
+        for name in CONFIG_ENVS:
+            merged.update(json.loads(os.environ.get(name) or "{}"))
+        return cls(**{**merged, **overrides})
 
 
 def _dns_label(text: str, limit: int) -> str:
