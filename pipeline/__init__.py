@@ -1,0 +1,1 @@
+"""Deep-learning training pipeline: prepare -> pretrain -> finetune -> evaluate."""

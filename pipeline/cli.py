@@ -1,0 +1,64 @@
+"""`pipeline <stage>` / `python -m pipeline <stage>`: the one entry point every launcher calls.
+
+dvc.yaml's `cmd`, the Prefect local launcher and the Kubernetes pods all run this, so a
+stage behaves the same everywhere. Exit codes: 0 ok, 2 bad configuration or data (every
+problem listed), 143 stopped by SIGTERM (resumable), anything else a bug or infra fault.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from types import FrameType
+
+from pipeline.config import DEFAULT_PARAMS, load_config
+from pipeline.errors import EXIT_SIGTERM, EXIT_USER_ERROR, UserInputError
+from pipeline.stages import STAGES, stage_runner
+from pipeline.training import Terminated
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config_args = argparse.ArgumentParser(add_help=False)
+    config_args.add_argument("--params", default=str(DEFAULT_PARAMS), help="params file (default: params.yaml)")
+    config_args.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                             help="override one param, e.g. --set finetune.labels_per_class=all (repeatable)")
+    for stage in STAGES:
+        commands.add_parser(stage, parents=[config_args], help=f"run the {stage} stage")
+    commands.add_parser("show-config", parents=[config_args], help="print the effective, validated config")
+    run = commands.add_parser("run", parents=[config_args], help="run the whole pipeline as a Prefect flow")
+    run.add_argument("--force", action="store_true", help="re-run every stage even if cached")
+    return parser
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        cfg = load_config(args.params, args.overrides)
+        if args.command == "show-config":
+            import yaml
+
+            print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+            return 0
+        if args.command == "run":
+            from flows.training import run_pipeline_cli
+
+            return run_pipeline_cli(args.params, args.overrides, force=args.force)
+        stage_runner(args.command)(cfg)
+        return 0
+    except UserInputError as exc:
+        print(f"error: {exc.render()}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Terminated:
+        print("terminated by SIGTERM: progress is checkpointed; re-run to resume", file=sys.stderr)
+        return EXIT_SIGTERM
+
+
+if __name__ == "__main__":
+    sys.exit(main())

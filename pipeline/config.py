@@ -1,0 +1,276 @@
+"""Typed configuration: params.yaml is the single source of hyper-parameters.
+
+Each field's docstring is the documentation users read. Validation collects *every*
+problem (pydantic does) and raises one ConfigError that names each dotted key, so a bad
+params file costs one edit, not one edit per error. Overrides use the same dotted keys
+as dvc.yaml's `params:` lists: `--set finetune.labels_per_class=all`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import ConfigError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo like `learning_rate` must not silently do nothing.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+def _precision_alias(value: Any) -> Any:
+    # YAML reads `precision: 32` as an int and users write "32" or "bf16" from habit.
+    aliases = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+    return aliases.get(str(value), value) if isinstance(value, (int, str)) else value
+
+
+Precision = Annotated[Literal["32-true", "bf16-mixed", "16-mixed"], BeforeValidator(_precision_alias)]
+
+
+class PathsConfig(_Section):
+    root: str = "."
+    """Base URI every relative path below is joined to: a local folder or s3://bucket/prefix."""
+    prepared: str = "data/prepared"
+    """Prepared, split dataset and its manifest (output of `prepare`)."""
+    pretrain: str = "models/pretrain"
+    """Pretrained backbone (output of `pretrain`)."""
+    finetune: str = "models/finetune"
+    """Fine-tuned model and the same-budget scratch baseline (output of `finetune`)."""
+    release: str = "models/release"
+    """Model bundle with its model card (output of `evaluate`): what promotion points at."""
+    reports: str = "reports"
+    """Metrics and plots (output of `evaluate`)."""
+    checkpoints: str = "checkpoints"
+    """Resumable training state. Not a DVC output, so `dvc repro` never deletes it mid-run."""
+
+    def uri(self, name: str) -> str:
+        """Absolute location of one path: `root` joined with it unless it is already absolute."""
+        value = getattr(self, name)
+        if "://" in value or value.startswith("/") or self.root in ("", "."):
+            return value
+        return posixpath.join(self.root.rstrip("/"), value)
+
+
+class DataConfig(_Section):
+    source: str = "builtin:digits"
+    """`builtin:digits` (scikit-learn's 1,797 real 8x8 digits), a local ImageFolder
+    (`<class>/<image>.png|jpg`), or the same layout under s3://bucket/prefix."""
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    """Share of each class held out for validation (stratified)."""
+    test_fraction: float = Field(0.25, gt=0, lt=0.5)
+    """Share of each class held out for the final test (stratified)."""
+
+
+class TrainerConfig(_Section):
+    accelerator: Literal["cpu", "gpu", "cuda", "mps", "auto"] = "cpu"
+    """Lightning accelerator. `cpu` keeps the demo runnable anywhere."""
+    devices: int = Field(1, ge=1)
+    """Devices (GPUs or CPU processes) per node."""
+    num_nodes: int = Field(1, ge=1)
+    """Nodes; world size = num_nodes x devices. Set per pod by the Kubernetes launcher."""
+    strategy: Literal["auto", "ddp", "ddp_spawn", "fsdp"] = "auto"
+    """Distribution strategy; `ddp` for multi-GPU or multi-node."""
+    precision: Precision = "32-true"
+    """`32-true`, `bf16-mixed` (Ampere and newer) or `16-mixed` (with loss scaling)."""
+    compile: bool = False
+    """Wrap the model in torch.compile (pays compile time once, faster steps after)."""
+    channels_last: bool = False
+    """Use channels_last memory format for convolutional backbones (faster on tensor cores)."""
+    deterministic: bool = True
+    """Deterministic kernels: the same seed gives the same metrics on the same hardware."""
+    num_workers: int = Field(0, ge=0)
+    """DataLoader worker processes. 0 is fastest for the small in-memory demo data."""
+    log_every_n_steps: int = Field(10, ge=1)
+    """How often progress lines and metrics are logged."""
+
+
+class OptimizerConfig(_Section):
+    name: Literal["adamw", "sgd"] = "adamw"
+    """`adamw` (fused kernel on CUDA) or `sgd` (with Nesterov momentum)."""
+    lr: float = Field(3e-3, gt=0, le=10)
+    """Peak learning rate (reached after warmup)."""
+    weight_decay: float = Field(1e-4, ge=0)
+    """Decoupled weight decay; not applied to biases and norm weights."""
+    momentum: float = Field(0.9, ge=0, lt=1)
+    """SGD momentum (ignored by AdamW)."""
+    reference_batch_size: int | None = Field(None, ge=1)
+    """If set, scale `lr` linearly by global_batch / reference_batch_size (large-batch rule)."""
+
+
+class ScheduleConfig(_Section):
+    name: Literal["cosine", "onecycle", "constant"] = "cosine"
+    """Per-step schedule: linear warmup then cosine decay, torch's OneCycle, or constant."""
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    """Share of all steps spent warming up linearly from ~0 (cosine and onecycle)."""
+    min_lr_ratio: float = Field(0.01, ge=0, le=1)
+    """Final learning rate as a fraction of the peak (cosine)."""
+
+
+class ModelConfig(_Section):
+    arch: Literal["cnn", "vit"] = "cnn"
+    """`cnn`: small ResNet-style net for small images; `vit`: Vision Transformer (GPU-sized)."""
+    width: int = Field(32, ge=4)
+    """CNN base channel count, or ViT embedding dimension."""
+    depth: int = Field(2, ge=1)
+    """Residual stages (CNN) or transformer blocks (ViT)."""
+    heads: int = Field(4, ge=1)
+    """Attention heads (ViT only)."""
+    patch_size: int = Field(2, ge=1)
+    """Patch side in pixels (ViT only)."""
+    dropout: float = Field(0.1, ge=0, lt=1)
+    """Dropout before the classification head."""
+
+
+class _TrainStage(_Section):
+    epochs: int = Field(10, ge=1)
+    """Training epochs; the step budget is epochs x steps per epoch, fixed before training."""
+    batch_size: int = Field(64, ge=1)
+    """Per-device batch size."""
+    accumulate_grad_batches: int = Field(1, ge=1)
+    """Micro-batches per optimizer step."""
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    checkpoint_every_n_steps: int = Field(25, ge=1)
+    """Resumable checkpoint interval, the most progress a preemption can lose."""
+
+
+class PretrainConfig(_TrainStage):
+    model: ModelConfig = ModelConfig()
+    objective: Literal["glyphs", "simclr"] = "glyphs"
+    """`glyphs`: supervised on synthetic printed digits (sim-to-real, for digit-like data);
+    `simclr`: self-supervised on the unlabelled training images (any data, no labels)."""
+    glyphs_per_class: int = Field(500, ge=10)
+    """Synthetic images rendered per glyph class (objective `glyphs`)."""
+    temperature: float = Field(0.2, gt=0, le=10)
+    """NT-Xent softmax temperature of the self-supervised (SimCLR) objective."""
+    projection_dim: int = Field(64, ge=2)
+    """Output size of the projection MLP that is discarded after pretraining."""
+
+
+class FinetuneConfig(_TrainStage):
+    labels_per_class: int | Literal["all"] = 10
+    """Labelled training images per target class (the label budget), or `all`."""
+    freeze_backbone_epochs: int = Field(3, ge=0)
+    """Epochs that train only the new head before the backbone is unfrozen."""
+    backbone_lr_ratio: float = Field(0.1, gt=0, le=1)
+    """Backbone learning rate as a fraction of the head's once unfrozen."""
+    augment: bool = False
+    """Random affine + noise augmentation of training batches (both fine-tuned and scratch)."""
+    train_scratch_baseline: bool = True
+    """Also train the same model from random weights on the same budget and schedule."""
+
+    @model_validator(mode="after")
+    def _freeze_within_budget(self) -> "FinetuneConfig":
+        if isinstance(self.labels_per_class, int) and self.labels_per_class < 1:
+            raise ValueError("labels_per_class must be >= 1 or 'all'")
+        if self.freeze_backbone_epochs >= self.epochs:
+            raise ValueError(
+                f"freeze_backbone_epochs ({self.freeze_backbone_epochs}) must be < epochs ({self.epochs})"
+            )
+        return self
+
+
+class EvaluateConfig(_Section):
+    batch_size: int = Field(256, ge=1)
+    """Inference batch size."""
+    promotion_margin: float = Field(0.0, ge=0, le=1)
+    """Challenger must beat the champion's test accuracy by more than this to be promoted."""
+
+
+class Config(_Section):
+    seed: int = 42
+    """Seeds data splits, label-budget sampling, initialisation and data order."""
+    paths: PathsConfig = PathsConfig()
+    data: DataConfig = DataConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    finetune: FinetuneConfig = FinetuneConfig(epochs=30, batch_size=32)
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    def fingerprint(self, *sections: str) -> str:
+        """Short content hash of the named sections: identifies resumable state."""
+        dumped = self.model_dump(mode="json")
+        payload = {s: dumped[s] for s in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], value); the value is read as YAML (`all`, `3e-4`, `[a, b]`)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value is not valid YAML ({exc.problem})") from exc
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    problems: list[str] = []
+    for text in overrides:
+        try:
+            path, value = parse_override(text)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                problems.append(f"{'.'.join(path)}: {part} is a value, not a section")
+                break
+            node = child
+        else:
+            node[path[-1]] = value
+    if problems:
+        raise ConfigError(problems)
+    return raw
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in error["loc"] if not str(p).startswith(("function-", "literal[")))
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    shown = error.get("input")
+    got = "" if isinstance(shown, dict) else f" (got {shown!r})"
+    return f"{key or '<root>'}: {error['msg']}{got}"
+
+
+def build_config(raw: dict[str, Any] | None) -> Config:
+    try:
+        return Config.model_validate(raw or {})
+    except ValidationError as exc:
+        # One line per problem, deduplicated (union types report each branch).
+        lines = list(dict.fromkeys(_describe(e) for e in exc.errors()))
+        raise ConfigError(lines) from None
+
+
+def read_params(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return raw
+
+
+def load_config(params: Path | str | None = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Config:
+    """params.yaml (if given) + dotted overrides -> validated Config, or ConfigError listing every problem."""
+    raw = read_params(params) if params is not None else {}
+    return build_config(apply_overrides(raw, overrides or []))

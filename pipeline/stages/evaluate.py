@@ -1,0 +1,105 @@
+"""Stage 4: test-set metrics of the fine-tuned and the scratch model; release bundle + model card.
+
+Writes `reports/metrics.json` (DVC metrics: test.accuracy, scratch.test.accuracy,
+transfer_gain, per-class precision/recall), `reports/confusion.csv` (DVC confusion plot)
+and `models/release/` (the model, and its model card: the lineage users read later).
+
+    python -m pipeline evaluate
+"""
+from __future__ import annotations
+
+import csv
+import io
+import time
+
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import precision_recall_fscore_support
+
+from pipeline import storage
+from pipeline.config import Config
+from pipeline.data.prepared import load_prepared
+from pipeline.models.bundle import load_classifier
+from pipeline.runinfo import git_commit, hardware
+
+
+def score(module, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> tuple[dict, torch.Tensor]:
+    logits = module.predict_logits(images, batch_size)
+    predicted = logits.argmax(dim=1)
+    return {
+        "accuracy": round(float((predicted == labels).float().mean()), 6),
+        "loss": round(float(F.cross_entropy(logits, labels)), 6),
+    }, predicted
+
+
+def per_class(labels: torch.Tensor, predicted: torch.Tensor, classes: list[str]) -> dict:
+    precision, recall, _, support = precision_recall_fscore_support(
+        labels.numpy(), predicted.numpy(), labels=list(range(len(classes))), zero_division=0
+    )
+    return {c: {"precision": round(float(p), 6), "recall": round(float(r), 6), "support": int(s)}
+            for c, p, r, s in zip(classes, precision, recall, support)}
+
+
+def confusion_rows(labels: torch.Tensor, predicted: torch.Tensor, classes: list[str]) -> bytes:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["actual", "predicted"])
+    writer.writerows((classes[a], classes[p]) for a, p in zip(labels.tolist(), predicted.tolist()))
+    return out.getvalue().encode()
+
+
+def stage_times(cfg: Config) -> dict:
+    times = {}
+    for stage in ("prepare", "pretrain", "finetune"):
+        summary = storage.join(cfg.paths.uri(stage if stage != "prepare" else "prepared"), "summary.json")
+        times[stage] = storage.read_json(summary)["wall_time_s"] if storage.exists(summary) else None
+    return times
+
+
+def run(cfg: Config) -> dict:
+    started = time.perf_counter()
+    data = load_prepared(cfg.paths.uri("prepared"))
+    finetune_uri = cfg.paths.uri("finetune")
+    storage.require_complete(finetune_uri, produced_by="finetune")
+    test = data.subset("test")
+    finetuned, classes = load_classifier(storage.join(finetune_uri, "finetuned.pt"))
+    metrics_test, predicted = score(finetuned, test.images, test.labels, cfg.evaluate.batch_size)
+    metrics: dict = {
+        "data_version": data.manifest["data_version"],
+        "labels_per_class": cfg.finetune.labels_per_class,
+        "test": metrics_test,
+        "per_class": per_class(test.labels, predicted, classes),
+    }
+    scratch_uri = storage.join(finetune_uri, "scratch.pt")
+    if storage.exists(scratch_uri):
+        scratch, _ = load_classifier(scratch_uri)
+        metrics["scratch"] = {"test": score(scratch, test.images, test.labels, cfg.evaluate.batch_size)[0]}
+        metrics["transfer_gain"] = round(metrics_test["accuracy"] - metrics["scratch"]["test"]["accuracy"], 6)
+    times = stage_times(cfg)
+    times["evaluate"] = round(time.perf_counter() - started, 3)
+    card = {
+        "model": "finetuned.pt",
+        "task": {"classes": classes, "pretraining": cfg.pretrain.objective,
+                 "labels_per_class": cfg.finetune.labels_per_class},
+        "data_version": data.manifest["data_version"],
+        "data_source": cfg.data.source,
+        "git_commit": git_commit(),
+        "params": cfg.model_dump(mode="json"),
+        "metrics": metrics,
+        "wall_time_s": times,
+        "hardware": hardware(),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    with storage.staged_output(cfg.paths.uri("release")) as out:
+        # The release is self-contained: promotion and serving never reach back into finetune's output.
+        (out / "finetuned.pt").write_bytes(storage.read_bytes(storage.join(finetune_uri, "finetuned.pt")))
+        storage.write_json(str(out / "model_card.json"), card)
+    reports = cfg.paths.uri("reports")
+    storage.write_bytes(storage.join(reports, "confusion.csv"), confusion_rows(test.labels, predicted, classes))
+    storage.write_json(storage.join(reports, "metrics.json"), metrics)  # last: metrics mean "evaluation finished"
+    gain = metrics.get("transfer_gain")
+    print(f"[evaluate] test/acc {metrics_test['accuracy']:.4f}"
+          + (f", scratch {metrics['scratch']['test']['accuracy']:.4f}, transfer_gain {gain:+.4f}" if gain is not None else ""))
+    return {"stage": "evaluate", "metrics": metrics, "release": cfg.paths.uri("release"), "wall_time_s": times["evaluate"]}
+
+

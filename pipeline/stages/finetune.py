@@ -1,0 +1,89 @@
+"""Stage 3: transfer the pretrained backbone to the labelled *target* task on a small label budget.
+
+A new head is trained on `finetune.labels_per_class` labelled images per class with
+the backbone frozen for `freeze_backbone_epochs`, then everything trains, the backbone at
+`backbone_lr_ratio` x the head's learning rate. The same budget and schedule also train a
+scratch model (random backbone, nothing frozen): evaluation's honest baseline.
+
+Validation images are only *reported*, never used to pick a checkpoint: picking on them
+would spend labels beyond the budget.
+
+    python -m pipeline finetune --set finetune.labels_per_class=all
+"""
+from __future__ import annotations
+
+import io
+
+import torch
+
+from pipeline import storage
+from pipeline.config import Config
+from pipeline.data.prepared import load_prepared
+from pipeline.models.bundle import save_classifier
+from pipeline.models.classifier import Classifier
+from pipeline.optim import effective_lr
+from pipeline.training import checkpoint_dir_for, fit, steps_per_epoch, world_size
+
+
+def _train_variant(cfg: Config, variant: str, backbone: dict, train, val, image_shape) -> tuple[Classifier, dict]:
+    ft = cfg.finetune
+    world = world_size(cfg.trainer)
+    total_steps = ft.epochs * steps_per_epoch(len(train.labels), ft, world)
+    global_batch = ft.batch_size * ft.accumulate_grad_batches * world
+    transfer = variant == "finetuned"
+    module = Classifier(
+        model=backbone["model"],
+        image_shape=image_shape,
+        num_classes=len(train.classes),
+        optimizer=ft.optimizer.model_dump(),
+        schedule=ft.schedule.model_dump(),
+        total_steps=total_steps,
+        lr=effective_lr(ft.optimizer, global_batch),
+        backbone_lr_ratio=ft.backbone_lr_ratio if transfer else 1.0,
+        freeze_backbone_epochs=ft.freeze_backbone_epochs if transfer else 0,
+        channels_last=cfg.trainer.channels_last,
+        augment=ft.augment,
+    )
+    if transfer:
+        module.backbone.load_state_dict(backbone["backbone"])
+    fingerprint = cfg.fingerprint("seed", "data", "trainer", "pretrain", "finetune") + backbone["data_version"][-6:]
+    checkpoints = checkpoint_dir_for(cfg.paths.uri("checkpoints"), f"finetune-{variant}", fingerprint)
+    result = fit(module, train, val, ft, cfg.trainer, checkpoints, total_steps, label=f"finetune:{variant}", seed=cfg.seed)
+    return module, {
+        "steps": result.steps,
+        "resumed_from_step": result.resumed_from_step,
+        "val_accuracy": result.val_accuracy,
+        "wall_time_s": result.wall_time_s,
+        "is_global_zero": result.is_global_zero,
+    }
+
+
+def run(cfg: Config) -> dict:
+    data = load_prepared(cfg.paths.uri("prepared"))
+    storage.require_complete(cfg.paths.uri("pretrain"), produced_by="pretrain")
+    backbone = torch.load(io.BytesIO(storage.read_bytes(storage.join(cfg.paths.uri("pretrain"), "backbone.pt"))),
+                          map_location="cpu", weights_only=False)
+    budget = None if cfg.finetune.labels_per_class == "all" else cfg.finetune.labels_per_class
+    train = data.subset("train", per_class=budget, seed=cfg.seed)
+    val = data.subset("val")
+    print(f"[finetune] {len(train.classes)} classes: {len(train.labels)} labelled training images "
+          f"(labels_per_class={cfg.finetune.labels_per_class})")
+    variants = ["finetuned", "scratch"] if cfg.finetune.train_scratch_baseline else ["finetuned"]
+    trained = {v: _train_variant(cfg, v, backbone, train, val, data.image_shape) for v in variants}
+    summary = {
+        "stage": "finetune",
+        "data_version": data.manifest["data_version"],
+        "classes": train.classes,
+        "labelled_images": len(train.labels),
+        "labels_per_class": cfg.finetune.labels_per_class,
+        **{v: {k: val for k, val in info.items() if k != "is_global_zero"} for v, (_, info) in trained.items()},
+        "wall_time_s": round(sum(info["wall_time_s"] for _, info in trained.values()), 3),
+    }
+    if not trained["finetuned"][1]["is_global_zero"]:
+        return summary
+    with storage.staged_output(cfg.paths.uri("finetune")) as out:
+        for variant, (module, _) in trained.items():
+            save_classifier(module, train.classes, out / f"{variant}.pt")
+        storage.write_json(str(out / "summary.json"), summary)
+    print(f"[finetune] done: " + ", ".join(f"{v} val/acc {info['val_accuracy']:.4f}" for v, (_, info) in trained.items()))
+    return summary

@@ -1,0 +1,233 @@
+"""Shared training driver: config -> Lightning Trainer -> fit, resumable and preemption-safe.
+
+The step budget is fixed before training (epochs x optimizer steps per epoch at this world
+size) and passed as `max_steps`, so a run resumed after SIGTERM finishes with exactly the
+configured number of steps, as an uninterrupted run would.
+
+    single CPU:   python -m pipeline pretrain
+    one GPU:      python -m pipeline pretrain --set trainer.accelerator=gpu --set trainer.precision=bf16-mixed
+    many nodes:   MASTER_ADDR=... MASTER_PORT=... NODE_RANK=r python -m pipeline pretrain \
+                    --set trainer.accelerator=gpu --set trainer.devices=8 --set trainer.num_nodes=2 \
+                    --set trainer.strategy=ddp
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import io
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.utils.data import DataLoader, TensorDataset
+
+from pipeline import storage
+from pipeline.config import TrainerConfig, _TrainStage
+from pipeline.data.tasks import TaskArrays
+from pipeline.errors import EXIT_SIGTERM
+from pipeline.preflight import check_distributed
+
+RESUME_NAME = "last"
+BEST_NAME = "best"
+
+
+class Terminated(BaseException):
+    """SIGTERM received; training state was checkpointed. Maps to exit 143."""
+
+    exit_code = EXIT_SIGTERM
+
+
+def world_size(trainer_cfg: TrainerConfig) -> int:
+    return trainer_cfg.num_nodes * trainer_cfg.devices
+
+
+def steps_per_epoch(num_samples: int, stage: _TrainStage, world: int) -> int:
+    """Optimizer steps per epoch, as Lightning counts them with a DistributedSampler."""
+    per_rank = math.ceil(num_samples / world)
+    batches = math.ceil(per_rank / stage.batch_size)
+    return math.ceil(batches / stage.accumulate_grad_batches)
+
+
+def loader(data: TaskArrays, batch_size: int, trainer_cfg: TrainerConfig, shuffle: bool) -> DataLoader:
+    workers = trainer_cfg.num_workers
+    return DataLoader(
+        TensorDataset(data.images, data.labels),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        pin_memory=trainer_cfg.accelerator in ("gpu", "cuda"),
+        persistent_workers=workers > 0,  # workers survive epochs: no re-spawn cost each epoch
+        prefetch_factor=4 if workers > 0 else None,
+        # fork is unsafe once s3fs/aiohttp threads exist; forkserver starts clean workers.
+        multiprocessing_context="forkserver" if workers > 0 else None,
+    )
+
+
+class ProgressLines(Callback):
+    """One readable line per `log_every_n_steps` and per validation: works in logs, not only TTYs."""
+
+    def __init__(self, label: str, total_steps: int, every: int):
+        self.label, self.total_steps, self.every = label, total_steps, every
+        self.started = time.perf_counter()
+
+    def on_fit_start(self, trainer, pl_module):
+        # Every rank reports: logs of a multi-node job then prove the world size from all pods.
+        print(f"[{self.label}] world_size={trainer.world_size} global_rank={trainer.global_rank} "
+              f"node_rank={trainer.node_rank} start_step={trainer.global_step} total_steps={self.total_steps}",
+              flush=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if trainer.is_global_zero and (step % self.every == 0 or step == self.total_steps) and step:
+            loss = trainer.callback_metrics.get("train/loss_step")
+            lr = trainer.optimizers[0].param_groups[-1]["lr"]
+            rate = step / max(time.perf_counter() - self.started, 1e-9)
+            print(f"[{self.label}] step {step}/{self.total_steps} epoch {trainer.current_epoch} "
+                  f"loss {float(loss):.4f} lr {lr:.2e} ({rate:.1f} steps/s)", flush=True)
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.is_global_zero and not trainer.sanity_checking and "val/acc" in trainer.callback_metrics:
+            print(f"[{self.label}] epoch {trainer.current_epoch} val/acc {float(trainer.callback_metrics['val/acc']):.4f}",
+                  flush=True)
+
+
+class CheckpointOnSigterm(Callback):
+    """Lightning turns SIGTERM into SIGTERMException at a step boundary; save state there."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, SIGTERMException):
+            trainer.save_checkpoint(self.path)
+            if trainer.is_global_zero:
+                print(f"[checkpoint] SIGTERM at step {trainer.global_step}: saved {self.path}", flush=True)
+
+
+@contextlib.contextmanager
+def lightning_owns_sigterm() -> Iterator[None]:
+    # Outside fit, our CLI handler turns SIGTERM into exit 143 at once. Inside fit, Lightning's
+    # handler must be the only one, so it can stop at a step boundary and checkpoint.
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous not in (None, signal.SIG_DFL) and threading_main():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        if threading_main():
+            signal.signal(signal.SIGTERM, previous)
+
+
+def threading_main() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def quiet_lightning() -> None:
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
+                 "lightning.fabric.utilities.seed", "lightning.pytorch.utilities.model_summary"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@dataclass
+class FitResult:
+    module: L.LightningModule
+    best_path: str | None
+    steps: int
+    resumed_from_step: int
+    wall_time_s: float
+    val_accuracy: float | None
+    best_score: float | None
+    is_global_zero: bool
+
+
+def fit(
+    module: L.LightningModule,
+    train: TaskArrays,
+    val: TaskArrays | None,
+    stage: _TrainStage,
+    trainer_cfg: TrainerConfig,
+    checkpoint_dir: str,
+    total_steps: int,
+    label: str,
+    seed: int,
+    monitor_best: bool = False,
+) -> FitResult:
+    """Train `module` for exactly `total_steps` optimizer steps, resuming from `checkpoint_dir` if possible."""
+    quiet_lightning()
+    check_distributed(trainer_cfg)
+    L.seed_everything(seed, workers=True, verbose=False)
+    started = time.perf_counter()
+    resume = storage.join(checkpoint_dir, f"{RESUME_NAME}.ckpt")
+    callbacks: list[Callback] = [
+        ModelCheckpoint(dirpath=checkpoint_dir, filename=RESUME_NAME, every_n_train_steps=stage.checkpoint_every_n_steps,
+                        save_top_k=1, enable_version_counter=False),
+        CheckpointOnSigterm(resume),
+        ProgressLines(label, total_steps, trainer_cfg.log_every_n_steps),
+    ]
+    best = None
+    if monitor_best and val is not None:
+        best = ModelCheckpoint(dirpath=checkpoint_dir, filename=BEST_NAME, monitor="val/acc", mode="max",
+                               save_top_k=1, enable_version_counter=False)
+        callbacks.append(best)
+    strategy = trainer_cfg.strategy
+    if strategy == "ddp":
+        # Fail in minutes, not the 30-minute default, when a peer never shows up.
+        strategy = DDPStrategy(timeout=timedelta(minutes=5))
+    trainer = L.Trainer(
+        accelerator=trainer_cfg.accelerator,
+        devices=trainer_cfg.devices,
+        num_nodes=trainer_cfg.num_nodes,
+        strategy=strategy,
+        precision=trainer_cfg.precision,
+        deterministic=trainer_cfg.deterministic,
+        max_steps=total_steps,
+        max_epochs=-1,
+        accumulate_grad_batches=stage.accumulate_grad_batches,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,  # ProgressLines reads well in terminals and in Prefect/pod logs
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=trainer_cfg.log_every_n_steps,
+        default_root_dir=checkpoint_dir,
+    )
+    ckpt_path = resume if storage.exists(resume) else None
+    resumed_from = 0
+    if ckpt_path:
+        resumed_from = int(torch.load(io.BytesIO(storage.read_bytes(ckpt_path)), map_location="cpu", weights_only=False)["global_step"])
+        if trainer.is_global_zero:
+            print(f"[{label}] resuming from {ckpt_path} at step {resumed_from}", flush=True)
+    trained = torch.compile(module) if trainer_cfg.compile else module
+    train_loader = loader(train, stage.batch_size, trainer_cfg, shuffle=True)
+    val_loader = loader(val, stage.batch_size * 2, trainer_cfg, shuffle=False) if val is not None else None
+    try:
+        with lightning_owns_sigterm():
+            trainer.fit(trained, train_loader, val_loader, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        raise Terminated() from None
+    val_acc = trainer.callback_metrics.get("val/acc")
+    return FitResult(
+        module=module,
+        best_path=best.best_model_path if best is not None and best.best_model_path else None,
+        steps=trainer.global_step,
+        resumed_from_step=resumed_from,
+        wall_time_s=round(time.perf_counter() - started, 3),
+        val_accuracy=float(val_acc) if val_acc is not None else None,
+        best_score=float(best.best_model_score) if best is not None and best.best_model_score is not None else None,
+        is_global_zero=trainer.is_global_zero,
+    )
+
+
+def checkpoint_dir_for(root_uri: str, name: str, fingerprint: str) -> str:
+    """Resumable state is keyed by config content: a changed config never resumes stale state."""
+    return storage.join(root_uri, f"{name}-{fingerprint}")
+
