@@ -31,6 +31,7 @@ def _train_variant(cfg: Config, variant: str, backbone: dict, train, val, image_
     total_steps = ft.epochs * steps_per_epoch(len(train.labels), ft, world)
     global_batch = ft.batch_size * ft.accumulate_grad_batches * world
     transfer = variant == "finetuned"
+    torch.manual_seed(cfg.seed)  # the new head's (and scratch's) initial weights: same seed, same metrics
     module = Classifier(
         model=backbone["model"],
         image_shape=image_shape,
@@ -85,5 +86,6 @@ def run(cfg: Config) -> dict:
         for variant, (module, _) in trained.items():
             save_classifier(module, train.classes, out / f"{variant}.pt")
         storage.write_json(str(out / "summary.json"), summary)
-    print(f"[finetune] done: " + ", ".join(f"{v} val/acc {info['val_accuracy']:.4f}" for v, (_, info) in trained.items()))
+    print(f"[finetune] done: " + ", ".join(f"{v} val/acc {info['val_accuracy']}" if info["val_accuracy"] is None
+                                          else f"{v} val/acc {info['val_accuracy']:.4f}" for v, (_, info) in trained.items()))
     return summary

@@ -54,6 +54,7 @@ def run(cfg: Config) -> dict:
         lr=effective_lr(cfg.pretrain.optimizer, global_batch),
         channels_last=cfg.trainer.channels_last,
     )
+    torch.manual_seed(cfg.seed)  # initial weights too: the same seed must give the same metrics
     if cfg.pretrain.objective == "simclr":
         module = ContrastivePretrainer(**common, temperature=cfg.pretrain.temperature,
                                        projection_dim=cfg.pretrain.projection_dim)
@@ -88,5 +89,6 @@ def run(cfg: Config) -> dict:
             "data_version": data.manifest["data_version"],
         }, out / "backbone.pt")
         storage.write_json(str(out / "summary.json"), summary)
-    print(f"[pretrain] done: {result.steps} steps, best source val/acc {result.best_score:.4f}")
+    best = "n/a (resumed at the end: nothing left to validate)" if result.best_score is None else f"{result.best_score:.4f}"
+    print(f"[pretrain] done: {result.steps} steps, best source val/acc {best}")
     return summary
