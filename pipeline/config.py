@@ -63,6 +63,9 @@ class DataConfig(_Section):
     source: str = "builtin:digits"
     """`builtin:digits` (scikit-learn's 1,797 real 8x8 digits), a local ImageFolder
     (`<class>/<image>.png|jpg`), or the same layout under s3://bucket/prefix."""
+    version: str | None = None
+    """Content id of the source, set by the flow's data-versioning step so DVC re-runs `prepare`
+    when (and only when) the images change; `prepare` refuses data that no longer matches it."""
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     """Share of each class held out for validation (stratified)."""
     test_fraction: float = Field(0.25, gt=0, lt=0.5)

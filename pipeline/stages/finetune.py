@@ -12,6 +12,7 @@ would spend labels beyond the budget.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 
 import torch
@@ -47,7 +48,7 @@ def _train_variant(cfg: Config, variant: str, backbone: dict, train, val, image_
     )
     if transfer:
         module.backbone.load_state_dict(backbone["backbone"])
-    fingerprint = cfg.fingerprint("seed", "data", "trainer", "pretrain", "finetune") + backbone["data_version"][-6:]
+    fingerprint = cfg.fingerprint("seed", "data", "trainer", "finetune") + backbone["sha256"][:8]
     checkpoints = checkpoint_dir_for(cfg.paths.uri("checkpoints"), f"finetune-{variant}", fingerprint)
     result = fit(module, train, val, ft, cfg.trainer, checkpoints, total_steps, label=f"finetune:{variant}", seed=cfg.seed)
     return module, {
@@ -62,8 +63,10 @@ def _train_variant(cfg: Config, variant: str, backbone: dict, train, val, image_
 def run(cfg: Config) -> dict:
     data = load_prepared(cfg.paths.uri("prepared"))
     storage.require_complete(cfg.paths.uri("pretrain"), produced_by="pretrain")
-    backbone = torch.load(io.BytesIO(storage.read_bytes(storage.join(cfg.paths.uri("pretrain"), "backbone.pt"))),
-                          map_location="cpu", weights_only=False)
+    backbone_bytes = storage.read_bytes(storage.join(cfg.paths.uri("pretrain"), "backbone.pt"))
+    backbone = torch.load(io.BytesIO(backbone_bytes), map_location="cpu", weights_only=False)
+    # Resumable state must belong to *this* backbone, not to an earlier pretraining with equal params.
+    backbone["sha256"] = hashlib.sha256(backbone_bytes).hexdigest()
     budget = None if cfg.finetune.labels_per_class == "all" else cfg.finetune.labels_per_class
     train = data.subset("train", per_class=budget, seed=cfg.seed)
     val = data.subset("val")

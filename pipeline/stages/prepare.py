@@ -51,6 +51,9 @@ def run(cfg: Config) -> dict:
         raise DataError(too_small)
     split = stratified_split(raw.labels, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
     version = data_version(raw)
+    if cfg.data.version is not None and cfg.data.version != version:
+        raise DataError(f"{cfg.data.source}: content is {version} but data.version pins {cfg.data.version}; "
+                        "the source changed after it was versioned")
     split_names = {v: k for k, v in SPLITS.items()}
     manifest = {
         "data_version": version,

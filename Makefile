@@ -1,0 +1,39 @@
+# The README's commands. Every install step lives here, so a fresh clone needs only
+# Python >= 3.10 and make. The virtualenv is .venv/ at the repo root, made when missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(abspath $(VENV))/bin
+# Where DVC pushes data and the run-cache: outside the repo, so every clone on this machine shares it.
+DVC_REMOTE ?= $(HOME)/.cache/pipeline/dvc-remote
+export PATH := $(BIN):$(PATH)
+export PREFECT_HOME ?= $(abspath .prefect)
+
+.PHONY: setup run test ui bench lint clean
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+.dvc/config.local: | $(VENV)/.installed
+	$(BIN)/dvc remote add --local --force --default shared $(DVC_REMOTE)
+
+setup: $(VENV)/.installed .dvc/config.local
+
+run: setup  ## the whole pipeline on the embedded defaults (local processes, CPU, ephemeral Prefect)
+	$(BIN)/pipeline run $(ARGS)
+
+test: setup  ## the whole test suite
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+ui: setup  ## Prefect server + UI on http://127.0.0.1:4200 serving the train/retrain deployments
+	$(BIN)/python -m flows.serve
+
+bench: setup  ## CPU benchmarks; prints each measured ratio
+	$(BIN)/python -m bench.cpu
+
+lint: setup
+	$(BIN)/hadolint Dockerfile
+
+clean:
+	rm -rf data/prepared models reports checkpoints runs .prefect

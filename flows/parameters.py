@@ -1,0 +1,41 @@
+"""Flow parameters: a typed model the Prefect UI renders as a form. They overlay params.yaml."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class TrainingParameters(BaseModel):
+    """Unset fields keep params.yaml's value."""
+
+    data_source: str | None = Field(None, description="builtin:digits, a local ImageFolder path, or s3://bucket/prefix")
+    labels_per_class: int | Literal["all"] | None = Field(None, description="label budget per class for fine-tuning")
+    pretrain_epochs: int | None = Field(None, ge=1)
+    finetune_epochs: int | None = Field(None, ge=1)
+    precision: Literal["32-true", "bf16-mixed", "16-mixed"] | None = None
+    accelerator: Literal["cpu", "gpu", "auto"] | None = None
+    devices: int | None = Field(None, ge=1, description="devices per node")
+    num_nodes: int | None = Field(None, ge=1)
+    seed: int | None = None
+    promotion_margin: float | None = Field(None, ge=0, le=1, description="challenger must win by more than this")
+    launcher: Literal["local", "kubernetes"] = Field("local", description="where stages run")
+    force: bool = Field(False, description="re-run every stage and retrain even if nothing changed")
+    extra_overrides: list[str] = Field(default_factory=list, description="more params as key.path=value")
+
+    def overrides(self) -> list[str]:
+        mapping = {
+            "data.source": self.data_source,
+            "finetune.labels_per_class": self.labels_per_class,
+            "pretrain.epochs": self.pretrain_epochs,
+            "finetune.epochs": self.finetune_epochs,
+            "trainer.precision": self.precision,
+            "trainer.accelerator": self.accelerator,
+            "trainer.devices": self.devices,
+            "trainer.num_nodes": self.num_nodes,
+            "seed": self.seed,
+            "evaluate.promotion_margin": self.promotion_margin,
+        }
+        if (self.devices or 1) * (self.num_nodes or 1) > 1:
+            mapping["trainer.strategy"] = "ddp"
+        return [f"{key}={value}" for key, value in mapping.items() if value is not None] + list(self.extra_overrides)

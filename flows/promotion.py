@@ -1,0 +1,65 @@
+"""Promotion gate: the challenger replaces the champion only if it wins on the same test set.
+
+The registry (a folder or s3:// prefix) holds every evaluated release under
+`releases/<run>/` and one pointer, `champion.json`, replaced atomically: readers see the
+old champion or the new one, never a mix.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pipeline import storage
+from pipeline.config import Config
+from pipeline.data.prepared import load_prepared
+from pipeline.models.bundle import load_classifier
+from pipeline.stages.evaluate import score
+
+CHAMPION = "champion.json"
+
+
+def champion_pointer(registry: str) -> dict | None:
+    uri = storage.join(registry, CHAMPION)
+    return storage.read_json(uri) if storage.exists(uri) else None
+
+
+def decide(cfg: Config, workspace: Path, registry: str, run_name: str) -> dict:
+    metrics = storage.read_json(str(workspace / cfg.paths.reports / "metrics.json"))
+    challenger = metrics["test"]["accuracy"]
+    champion = champion_pointer(registry)
+    decision = {"run": run_name, "challenger_accuracy": challenger, "margin": cfg.evaluate.promotion_margin,
+                "champion_run": None, "champion_accuracy": None}
+    if champion is None:
+        decision.update(promoted=True, reason="no champion yet")
+    else:
+        data = load_prepared(str(workspace / cfg.paths.prepared))
+        test = data.subset("test")
+        model, classes = load_classifier(storage.join(champion["release"], "finetuned.pt"))
+        decision["champion_run"] = champion["run"]
+        if classes != test.classes:
+            decision.update(promoted=True, reason=f"classes changed ({classes} -> {test.classes}); champion not comparable")
+        else:
+            # Re-score the champion on *this* test set: the data may have changed since it was promoted.
+            current = score(model, test.images, test.labels, cfg.evaluate.batch_size)[0]["accuracy"]
+            decision["champion_accuracy"] = current
+            won = challenger > current + cfg.evaluate.promotion_margin
+            decision.update(promoted=won, reason=f"challenger {challenger:.4f} vs champion {current:.4f} "
+                                                  f"+ margin {cfg.evaluate.promotion_margin}")
+    release = storage.join(registry, "releases", run_name)
+    decision["release"] = release
+    _archive(workspace / cfg.paths.release, release, decision)
+    if decision["promoted"]:
+        storage.write_json(storage.join(registry, CHAMPION), {
+            "run": run_name, "release": release, "test_accuracy": challenger,
+            "data_version": metrics["data_version"], "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        })
+    return decision
+
+
+def _archive(bundle: Path, target: str, decision: dict) -> None:
+    """Every challenger is kept with its card, now carrying the decision; only winners get the pointer."""
+    card = storage.read_json(str(bundle / "model_card.json"))
+    card["promotion"] = decision
+    with storage.staged_output(target) as out:
+        (out / "finetuned.pt").write_bytes((bundle / "finetuned.pt").read_bytes())
+        storage.write_json(str(out / "model_card.json"), card)

@@ -1,0 +1,23 @@
+"""The readable table printed at the end of `make run`."""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_summary(result: dict) -> None:
+    metrics, decision = result["metrics"], result["promotion"]
+    table = Table(title=f"pipeline run {result['run']}", show_header=True)
+    table.add_column("item")
+    table.add_column("value", overflow="fold")
+    for stage, outcome in result["stages"].items():
+        table.add_row(f"stage {stage}", outcome)
+    table.add_row("data version", result["data"]["data_version"])
+    table.add_row("fine-tuned test accuracy", f"{metrics['test']['accuracy']:.4f}")
+    if "scratch" in metrics:
+        table.add_row("scratch test accuracy (same budget)", f"{metrics['scratch']['test']['accuracy']:.4f}")
+        table.add_row("transfer gain", f"{metrics['transfer_gain']:+.4f}")
+    table.add_row("promotion", ("PROMOTED" if decision["promoted"] else "not promoted") + f": {decision['reason']}")
+    table.add_row("model + card", decision["release"])
+    table.add_row("workspace", result["workspace"])
+    Console().print(table)

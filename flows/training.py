@@ -1,0 +1,221 @@
+"""The training flow: version data -> dvc.yaml's stages in order -> promotion gate.
+
+Orchestration only: each stage is `python -m pipeline <stage>` run by a launcher (a local
+subprocess, or an indexed Job on Kubernetes), skipped when DVC's run-cache already holds
+its outputs for the same code, data and params.
+
+    make run                      # this flow on an ephemeral Prefect server, local processes
+    pipeline run --set finetune.labels_per_class=all
+    make ui                       # server + UI; `train` (manual) and `retrain` (cron) deployments
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import get_run_context
+
+from flows import workspace as wsmod
+from flows.dag import stage_order
+from flows.parameters import TrainingParameters
+from flows.promotion import champion_pointer, decide
+from pipeline import storage
+from pipeline.config import Config, build_config, read_params
+from pipeline.errors import EXIT_SIGTERM, EXIT_USER_ERROR, ConfigError, UserInputError
+from pipeline.launch import StageCommand
+from pipeline.launch.local import LocalLauncher
+
+PROJECT = Path(os.environ.get("PIPELINE_PROJECT", Path(__file__).resolve().parent.parent))
+RUNS = Path(os.environ.get("PIPELINE_RUNS_DIR", PROJECT / "runs"))
+REGISTRY = os.environ.get("PIPELINE_REGISTRY", str(PROJECT / "registry"))
+
+
+class StageInputError(Exception):
+    """The stage exited 2: bad configuration or data. Retrying cannot help."""
+
+
+class StageInfraError(Exception):
+    """The stage failed for another reason (crash, lost node, OOM): worth a retry."""
+
+
+def _retry_infra_only(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except StageInputError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+def make_launcher(params: TrainingParameters, workdir: Path):
+    if params.launcher == "kubernetes":
+        from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
+        from pipeline.launch.kubernetes import KubernetesLauncher
+
+        return KubernetesLauncher(KubernetesLaunchConfig.from_env(
+            nodes=params.num_nodes or 1, gpus_per_node=params.devices or 0 if params.accelerator == "gpu" else 0,
+        ))
+    return LocalLauncher(workdir)
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_infra_only)
+def run_stage(ws: wsmod.Workspace, stage: str, params: TrainingParameters, run_id: str) -> str:
+    """Restore from DVC's run-cache if possible, else launch the stage, then record it in DVC."""
+    logger = get_run_logger()
+    if not params.force:
+        state = wsmod.restore_stage(ws, stage)
+        if state != "miss":
+            logger.info("%s: %s, not re-run", stage, "restored from the run-cache" if state == "run-cache" else state)
+            return state
+    launcher = make_launcher(params, ws.root)
+    started = time.perf_counter()
+    code = launcher.run(StageCommand(stage=stage, run_id=run_id), log=logger.info)
+    if code == EXIT_USER_ERROR:
+        raise StageInputError(f"{stage} exited 2 (bad configuration or data): see the lines above")
+    if code != 0:
+        hint = " (SIGTERM: checkpointed, the retry resumes)" if code == EXIT_SIGTERM else ""
+        raise StageInfraError(f"{stage} exited {code}{hint}")
+    wsmod.commit_stage(ws, stage)
+    logger.info("%s: ran in %.1f s", stage, time.perf_counter() - started)
+    return "ran"
+
+
+@task
+def version_data(ws: wsmod.Workspace, cfg: Config) -> dict:
+    """Content id of the source. Folder sources are also snapshotted into DVC and pushed."""
+    from pipeline.data.sources import load_source
+    from pipeline.stages.prepare import data_version
+
+    version = data_version(load_source(cfg.data.source))
+    snapshot = None
+    if not cfg.data.source.startswith("builtin:"):
+        local = ws.root / "data" / "source"
+        fs, path = storage.filesystem(cfg.data.source)
+        fs.get(path.rstrip("/") + "/", str(local), recursive=True)
+        with wsmod.dvc_repo(ws) as repo:
+            repo.add("data/source")
+        snapshot = "data/source.dvc"
+    get_run_logger().info("data version %s (%s)", version, cfg.data.source)
+    return {"data_version": version, "source": cfg.data.source, "snapshot": snapshot}
+
+
+@task
+def promote(ws: wsmod.Workspace, cfg: Config, run_name: str) -> dict:
+    decision = decide(cfg, ws.root, REGISTRY, run_name)
+    get_run_logger().info("promotion: %s (%s)", "PROMOTED" if decision["promoted"] else "kept champion",
+                          decision["reason"])
+    return decision
+
+
+def _publish_artifacts(metrics: dict, decision: dict, ws: wsmod.Workspace, cfg: Config, data: dict) -> None:
+    scratch = metrics.get("scratch", {}).get("test", {}).get("accuracy")
+    create_table_artifact(key="metrics", description="Test-set metrics", table=[
+        {"model": "fine-tuned", "test accuracy": metrics["test"]["accuracy"], "test loss": metrics["test"]["loss"]},
+        {"model": "scratch (same budget)", "test accuracy": scratch, "test loss": None},
+    ])
+    champion = decision["champion_accuracy"]
+    create_markdown_artifact(key="promotion", description="Promotion decision", markdown="\n".join([
+        "| | |", "|---|---|",
+        f"| data version | `{data['data_version']}` |",
+        f"| labels per class | {cfg.finetune.labels_per_class} |",
+        f"| fine-tuned test accuracy | {metrics['test']['accuracy']:.4f} |",
+        f"| scratch test accuracy | {scratch if scratch is None else f'{scratch:.4f}'} |",
+        f"| **transfer gain** | **{metrics.get('transfer_gain', float('nan')):+.4f}** |",
+        f"| champion accuracy (same test set) | {'n/a' if champion is None else f'{champion:.4f}'} |",
+        f"| decision | **{'promoted' if decision['promoted'] else 'not promoted'}**: {decision['reason']} |",
+        f"| model + card | `{decision['release']}` |",
+        f"| workspace | `{ws.root}` |",
+    ]))
+
+
+def _run_name() -> tuple[str, str]:
+    ctx = get_run_context()
+    run = ctx.flow_run
+    return str(run.id), f"{time.strftime('%Y%m%d-%H%M%S')}-{run.name}"
+
+
+@flow(name="train", log_prints=True)
+def train(params: TrainingParameters = TrainingParameters()) -> dict:
+    """Version the data, run prepare -> pretrain -> finetune -> evaluate, then the promotion gate."""
+    logger = get_run_logger()
+    run_id, run_name = _run_name()
+    ws = wsmod.create_workspace(PROJECT, RUNS / run_name, params.overrides())
+    cfg = build_config(read_params(ws.params_file))
+    data = version_data(ws, cfg)
+    if not cfg.data.source.startswith("builtin:"):
+        # Stages read the DVC snapshot, and the version pins prepare's cache key to the content.
+        cfg = _pin_data(ws, ["data.source=data/source", f"data.version={data['data_version']}"])
+    wsmod.pull_run_cache(ws)
+    outcomes = {stage: run_stage(ws, stage, params, run_id) for stage in stage_order(ws.root / "dvc.yaml")}
+    pushed = wsmod.push(ws)
+    metrics = storage.read_json(str(ws.root / cfg.paths.reports / "metrics.json"))
+    decision = promote(ws, cfg, run_name)
+    _publish_artifacts(metrics, decision, ws, cfg, data)
+    _link_latest(ws.root)
+    logger.info("stages: %s; pushed to remote: %s", outcomes, pushed)
+    return {"run": run_name, "workspace": str(ws.root), "data": data, "stages": outcomes,
+            "metrics": metrics, "promotion": decision}
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(params: TrainingParameters = TrainingParameters()) -> dict:
+    """Scheduled: retrain only if the data changed since the champion was trained, or if forced."""
+    from pipeline.data.sources import load_source
+    from pipeline.stages.prepare import data_version
+
+    raw = read_params(PROJECT / "params.yaml")
+    source = params.data_source or raw.get("data", {}).get("source", "builtin:digits")
+    champion = champion_pointer(REGISTRY)
+    version = data_version(load_source(source))
+    if champion and champion.get("data_version") == version and not params.force:
+        message = f"no change: data {version} is what champion {champion['run']} was trained on; nothing to do"
+        get_run_logger().info(message)
+        create_markdown_artifact(key="retrain", markdown=f"**No retraining.** {message}")
+        return {"retrained": False, "data_version": version}
+    return {"retrained": True, "data_version": version, **train(params)}
+
+
+def _pin_data(ws: wsmod.Workspace, overrides: list[str]) -> Config:
+    import yaml
+
+    from pipeline.config import apply_overrides
+
+    raw = apply_overrides(read_params(ws.params_file), overrides)
+    ws.params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return build_config(raw)
+
+
+def _link_latest(run_root: Path) -> None:
+    latest = run_root.parent / "latest"
+    tmp = run_root.parent / f".latest-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run_root.name)
+    os.replace(tmp, latest)
+
+
+def run_pipeline_cli(params_file: str, overrides: list[str], force: bool = False) -> int:
+    """`pipeline run`: the train flow on the embedded (ephemeral) Prefect server, then a summary table."""
+    from flows.summary import print_summary
+
+    if Path(params_file).resolve() != (PROJECT / "params.yaml").resolve():
+        raise ConfigError(f"--params {params_file}: `pipeline run` uses the project's params.yaml; "
+                          "pass changes with --set")
+    state = train(TrainingParameters(extra_overrides=overrides, force=force), return_state=True)
+    if state.is_completed():
+        print_summary(state.result())
+        return 0
+    try:
+        state.result()
+    except UserInputError as exc:
+        print(f"error: {exc.render()}")
+        return EXIT_USER_ERROR
+    except StageInputError as exc:
+        print(f"error: {exc}")
+        return EXIT_USER_ERROR
+    except Exception as exc:  # noqa: BLE001 - reported, and the exit code says infra fault
+        print(f"error: flow failed: {exc}")
+    return 1
