@@ -4,6 +4,11 @@ Outputs become visible only when complete. A stage builds its output folder in a
 staging directory; `publish` then moves it into place (local: one rename) or uploads it
 and writes the `_COMPLETE` marker last (object stores have no directory rename).
 Readers call `require_complete`, so a crash mid-write never feeds a later stage.
+
+On S3 the slow part (the upload) goes to a hidden sibling prefix while the previous output
+stays complete and readable; only then is the output switched over by fast server-side copies,
+with the marker removed first and written last (see `_publish_remote`). S3 settings (endpoint,
+retries, timeouts) live in pipeline/s3.py; credentials only ever come from the AWS chain.
 """
 from __future__ import annotations
 
@@ -12,15 +17,19 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import fsspec
 
+from pipeline import s3
 from pipeline.errors import DataError
 
 COMPLETE_MARKER = "_COMPLETE"
+
+s3.configure()  # before any S3FileSystem exists: ours, Lightning's and DVC's in this process
 
 
 def is_remote(uri: str) -> bool:
@@ -37,19 +46,78 @@ def join(base: str, *parts: str) -> str:
 
 @contextlib.contextmanager
 def access_errors(uri: str) -> Iterator[None]:
-    """Missing or forbidden locations are the user's to fix (exit 2), named in the message."""
+    """Missing or forbidden locations are the user's to fix (exit 2), named in the message.
+
+    s3fs turns NoSuchBucket and NoSuchKey into FileNotFoundError and AccessDenied (also bad keys
+    and signatures) into PermissionError, with S3's message, which names neither bucket nor key.
+    """
     try:
         yield
     except FileNotFoundError as exc:
-        raise DataError(f"{uri}: not found ({exc})") from None
+        raise DataError(_describe_missing(uri, exc)) from None
     except PermissionError as exc:
-        raise DataError(f"{uri}: access denied ({exc})") from None
+        where = f" (bucket {s3.split_uri(uri)[0]!r})" if is_remote(uri) else ""
+        raise DataError(f"{uri}: access denied{where}: {exc}; check the credentials in use and the "
+                        "IAM/bucket policy") from None
+    except Exception as exc:
+        if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):  # botocore's
+            raise DataError(f"{uri}: no AWS credentials found ({exc}); set them the standard way: "
+                            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or IRSA") from None
+        raise
+
+
+def _describe_missing(uri: str, exc: BaseException) -> str:
+    if not is_remote(uri):
+        return f"{uri}: not found ({exc})"
+    bucket, key = s3.split_uri(uri)
+    code = _error_code(exc)
+    if code == "NoSuchBucket" or "bucket does not exist" in str(exc):
+        return f"{uri}: bucket {bucket!r} does not exist (NoSuchBucket)"
+    return f"{uri}: not found (key {key!r} in bucket {bucket!r}{', NoSuchKey' if code == 'NoSuchKey' else ''})"
+
+
+def _error_code(exc: BaseException) -> str | None:
+    cause = exc.__cause__
+    response = getattr(cause, "response", None) or {}
+    return response.get("Error", {}).get("Code")
 
 
 def exists(uri: str) -> bool:
+    """Whether `uri` exists. A missing S3 *bucket* is not "no such file" but a configuration error."""
     fs, path = filesystem(uri)
     with access_errors(uri):
-        return fs.exists(path)
+        if fs.exists(path):
+            return True
+        if is_remote(uri) and uri.startswith("s3://"):
+            check_bucket(uri)
+        return False
+
+
+def check_buckets(uris) -> None:
+    """Before any compute: every S3 bucket among `uris` exists and is ours to use, else exit 2 naming it."""
+    seen: dict[str, str] = {}
+    for uri in uris:
+        if uri.startswith("s3://"):
+            seen.setdefault(s3.split_uri(uri)[0], uri)
+    problems: list[str] = []
+    for uri in seen.values():
+        try:
+            check_bucket(uri)
+        except DataError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise DataError(problems)
+
+
+def check_bucket(uri: str) -> None:
+    """Raise DataError (exit 2) naming the bucket if it is missing or forbidden. One HEAD request."""
+    fs, _ = filesystem(uri)
+    bucket = s3.split_uri(uri)[0]
+    with access_errors(f"s3://{bucket}"):
+        try:
+            fs.call_s3("head_bucket", Bucket=bucket)
+        except FileNotFoundError:
+            raise DataError(f"{uri}: bucket {bucket!r} does not exist (NoSuchBucket)") from None
 
 
 def read_bytes(uri: str) -> bytes:
@@ -121,14 +189,44 @@ def publish(staging: Path, uri: str) -> None:
         os.replace(staging, target)
         shutil.rmtree(retired, ignore_errors=True)
         return
+    _publish_remote(staging, uri)
+
+
+def _publish_remote(staging: Path, uri: str) -> None:
+    """Object stores have no rename. Upload aside, then switch over quickly, marker last.
+
+    1. Upload every file to a hidden sibling prefix (`.<name>.staging-<id>/`). This is the slow,
+       crash-prone part; meanwhile the previous output at `uri` is untouched and still complete.
+    2. Delete `uri/_COMPLETE` (readers now refuse), copy the files into `uri/` server-side (no
+       data through this machine: seconds even for large models), delete files the new
+       output no longer has, and write `_COMPLETE` last. A crash here leaves no marker: the
+       output is refused, never used half-written.
+    3. Remove the upload prefix. (A SIGKILL mid-upload leaves it behind, invisible to readers.)
+    """
     fs, path = filesystem(uri)
+    path = path.rstrip("/")
+    parent, _, name = path.rpartition("/")
+    upload = f"{parent}/.{name}.staging-{uuid.uuid4().hex[:12]}" if parent else f"{path}.staging-{uuid.uuid4().hex[:12]}"
+    files = sorted(f.relative_to(staging).as_posix() for f in staging.rglob("*")
+                   if f.is_file() and f.name != COMPLETE_MARKER)
+    marker = f"{path}/{COMPLETE_MARKER}"
     with access_errors(uri):
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
-        for file in sorted(staging.rglob("*")):
-            if file.is_file() and file.name != COMPLETE_MARKER:
-                fs.put_file(str(file), f"{path}/{file.relative_to(staging).as_posix()}")
-        fs.pipe_file(f"{path}/{COMPLETE_MARKER}", b"")  # last: the output now counts
+        try:
+            for rel in files:
+                fs.put_file(str(staging / rel), f"{upload}/{rel}")
+            fs.invalidate_cache(path)
+            previous = set(fs.find(path)) if fs.exists(path) else set()
+            if marker in previous:
+                fs.rm_file(marker)
+            if files:
+                fs.copy([f"{upload}/{rel}" for rel in files], [f"{path}/{rel}" for rel in files])
+            stale = sorted(previous - {f"{path}/{rel}" for rel in files} - {marker})
+            if stale:
+                fs.rm(stale)
+            fs.pipe_file(marker, b"")  # last: the output now counts
+        finally:
+            with contextlib.suppress(Exception):
+                fs.rm(upload, recursive=True)
 
 
 def fetch_dir(uri: str, local: Path) -> Path:

@@ -2,12 +2,19 @@
 
 Every problem with a folder source is collected before failing, each naming its file or
 folder, so one run tells the user everything to fix.
+
+An s3:// source is listed once per run (the listing carries each object's ETag) and each image
+is kept in a local cache keyed by bucket, key and ETag (pipeline/s3.py `cache_dir`): a re-run
+downloads only images that changed. The images are decoded into memory once; training never
+reads the source again (it reads `prepare`'s output, itself loaded into memory once per stage).
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -87,14 +94,18 @@ def _load_image_folder(root: str) -> RawDataset:
         raise DataError(problems)
 
     images, labels, files, hashes = [], [], [], []
+    downloaded = 0
     names = [d.rstrip("/").rsplit("/", 1)[-1] for d in class_dirs]
     for label, (folder, name) in enumerate(zip(class_dirs, names)):
         with storage.access_errors(folder):
-            members = sorted(f for f in fs.find(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+            listing = {f: info for f, info in fs.find(folder, detail=True).items() if f.lower().endswith(IMAGE_SUFFIXES)}
+        members = sorted(listing)
         if not members:
             problems.append(f"{_display(root, folder)}: empty class folder (no .png/.jpg images)")
             continue
-        contents = fs.cat(members)  # one batched request per class on object stores
+        with storage.access_errors(folder):
+            contents, fetched = _read_cached(fs, listing) if storage.is_remote(root) else (fs.cat(members), 0)
+        downloaded += fetched
         for member in members:
             shown = _display(root, member)
             try:
@@ -108,7 +119,45 @@ def _load_image_folder(root: str) -> RawDataset:
     problems.extend(_shape_problems(images, files))
     if problems:
         raise DataError(problems)
+    if storage.is_remote(root):
+        print(f"[source] {root}: {len(files)} images, {downloaded} downloaded, "
+              f"{len(files) - downloaded} from the local cache", flush=True)
     return RawDataset(np.stack(images), np.asarray(labels, dtype=np.int64), names, files, hashes)
+
+
+def _read_cached(fs, listing: dict[str, dict]) -> tuple[dict[str, bytes], int]:
+    """Objects' bytes, from the local ETag-keyed cache where possible; the rest in one batched fetch."""
+    from pipeline import s3
+
+    cache = s3.cache_dir()
+    if cache is None:
+        return fs.cat(sorted(listing)), len(listing)
+
+    def slot(name: str, info: dict) -> Path:
+        version = info.get("ETag") or info.get("etag") or f"{info.get('size')}-{info.get('LastModified')}"
+        digest = hashlib.sha256(f"s3\0{name}\0{version}".encode()).hexdigest()
+        return cache / digest[:2] / digest
+
+    slots = {name: slot(name, info) for name, info in listing.items()}
+    contents = {name: path.read_bytes() for name, path in slots.items() if path.is_file()}
+    missing = sorted(name for name in listing if name not in contents)
+    if missing:
+        fetched = fs.cat(missing)  # concurrent GETs
+        for name in missing:
+            contents[name] = fetched[name]
+            _cache_put(slots[name], fetched[name])
+    return contents, len(missing)
+
+
+def _cache_put(path: Path, data: bytes) -> None:
+    """Write-then-rename, so a killed run never leaves a half image in the cache (no fsync: it is a cache)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only or full cache disk costs speed, not correctness
 
 
 def _display(root: str, path: str) -> str:

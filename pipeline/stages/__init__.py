@@ -8,4 +8,13 @@ STAGES = ("prepare", "pretrain", "finetune", "evaluate")
 
 
 def stage_runner(name: str) -> Callable:
-    return importlib.import_module(f"pipeline.stages.{name}").run
+    run = importlib.import_module(f"pipeline.stages.{name}").run
+
+    def checked(cfg):
+        from pipeline.storage import check_buckets
+
+        # A missing or forbidden S3 bucket is exit 2 before any compute, not after an hour of training.
+        check_buckets([cfg.data.source, *(cfg.paths.uri(n) for n in type(cfg.paths).model_fields if n != "root")])
+        return run(cfg)
+
+    return checked
