@@ -7,8 +7,6 @@ old champion or the new one, never a mix.
 from __future__ import annotations
 
 import time
-from pathlib import Path
-
 from pipeline import storage
 from pipeline.config import Config
 from pipeline.data.prepared import load_prepared
@@ -23,8 +21,9 @@ def champion_pointer(registry: str) -> dict | None:
     return storage.read_json(uri) if storage.exists(uri) else None
 
 
-def decide(cfg: Config, workspace: Path, registry: str, run_name: str) -> dict:
-    metrics = storage.read_json(str(workspace / cfg.paths.reports / "metrics.json"))
+def decide(cfg: Config, outputs: dict[str, str], registry: str, run_name: str) -> dict:
+    """`outputs`: URIs of this run's `reports`, `prepared` and `release` outputs."""
+    metrics = storage.read_json(storage.join(outputs["reports"], "metrics.json"))
     challenger = metrics["test"]["accuracy"]
     champion = champion_pointer(registry)
     decision = {"run": run_name, "challenger_accuracy": challenger, "margin": cfg.evaluate.promotion_margin,
@@ -32,7 +31,7 @@ def decide(cfg: Config, workspace: Path, registry: str, run_name: str) -> dict:
     if champion is None:
         decision.update(promoted=True, reason="no champion yet")
     else:
-        data = load_prepared(str(workspace / cfg.paths.prepared))
+        data = load_prepared(outputs["prepared"])
         test = data.subset("test")
         model, classes = load_classifier(storage.join(champion["release"], "finetuned.pt"))
         decision["champion_run"] = champion["run"]
@@ -47,7 +46,7 @@ def decide(cfg: Config, workspace: Path, registry: str, run_name: str) -> dict:
                                                   f"+ margin {cfg.evaluate.promotion_margin}")
     release = storage.join(registry, "releases", run_name)
     decision["release"] = release
-    _archive(workspace / cfg.paths.release, release, decision)
+    _archive(outputs["release"], release, decision)
     if decision["promoted"]:
         storage.write_json(storage.join(registry, CHAMPION), {
             "run": run_name, "release": release, "test_accuracy": challenger,
@@ -56,10 +55,10 @@ def decide(cfg: Config, workspace: Path, registry: str, run_name: str) -> dict:
     return decision
 
 
-def _archive(bundle: Path, target: str, decision: dict) -> None:
+def _archive(bundle: str, target: str, decision: dict) -> None:
     """Every challenger is kept with its card, now carrying the decision; only winners get the pointer."""
-    card = storage.read_json(str(bundle / "model_card.json"))
+    card = storage.read_json(storage.join(bundle, "model_card.json"))
     card["promotion"] = decision
     with storage.staged_output(target) as out:
-        (out / "finetuned.pt").write_bytes((bundle / "finetuned.pt").read_bytes())
+        (out / "finetuned.pt").write_bytes(storage.read_bytes(storage.join(bundle, "finetuned.pt")))
         storage.write_json(str(out / "model_card.json"), card)

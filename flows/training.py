@@ -56,30 +56,36 @@ def make_launcher(params: TrainingParameters, workdir: Path):
         from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
         from pipeline.launch.kubernetes import KubernetesLauncher
 
-        return KubernetesLauncher(KubernetesLaunchConfig.from_env(
-            nodes=params.num_nodes or 1, gpus_per_node=params.devices or 0 if params.accelerator == "gpu" else 0,
-        ))
+        gpus = (params.devices or 1) if params.accelerator == "gpu" else 0
+        return KubernetesLauncher(KubernetesLaunchConfig.from_env(nodes=params.num_nodes or 1, gpus_per_node=gpus))
     return LocalLauncher(workdir)
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_infra_only)
-def run_stage(ws: wsmod.Workspace, stage: str, params: TrainingParameters, run_id: str) -> str:
-    """Restore from DVC's run-cache if possible, else launch the stage, then record it in DVC."""
+def run_stage(ws: wsmod.Workspace, stage: str, params: TrainingParameters, run_id: str, dvc_tracked: bool) -> str:
+    """Restore from DVC's run-cache if possible, else launch the stage, then record it in DVC.
+
+    With artifacts under a remote `paths.root` (s3://), outputs are not in the workspace, so
+    DVC (which dropped external outputs in 3.0) cannot cache them: the stage always runs.
+    """
     logger = get_run_logger()
-    if not params.force:
+    if dvc_tracked and not params.force:
         state = wsmod.restore_stage(ws, stage)
         if state != "miss":
             logger.info("%s: %s, not re-run", stage, "restored from the run-cache" if state == "run-cache" else state)
             return state
     launcher = make_launcher(params, ws.root)
+    # Pods run the image's params.yaml, not this workspace's: ship the flow's overrides with the command.
+    args = [arg for item in params.overrides() for arg in ("--set", item)] if params.launcher == "kubernetes" else []
     started = time.perf_counter()
-    code = launcher.run(StageCommand(stage=stage, run_id=run_id), log=logger.info)
+    code = launcher.run(StageCommand(stage=stage, args=args, run_id=run_id), log=logger.info)
     if code == EXIT_USER_ERROR:
         raise StageInputError(f"{stage} exited 2 (bad configuration or data): see the lines above")
     if code != 0:
         hint = " (SIGTERM: checkpointed, the retry resumes)" if code == EXIT_SIGTERM else ""
         raise StageInfraError(f"{stage} exited {code}{hint}")
-    wsmod.commit_stage(ws, stage)
+    if dvc_tracked:
+        wsmod.commit_stage(ws, stage)
     logger.info("%s: ran in %.1f s", stage, time.perf_counter() - started)
     return "ran"
 
@@ -105,7 +111,8 @@ def version_data(ws: wsmod.Workspace, cfg: Config) -> dict:
 
 @task
 def promote(ws: wsmod.Workspace, cfg: Config, run_name: str) -> dict:
-    decision = decide(cfg, ws.root, REGISTRY, run_name)
+    decision = decide(cfg, {name: artifact_uri(ws, cfg, name) for name in ("reports", "prepared", "release")},
+                      REGISTRY, run_name)
     get_run_logger().info("promotion: %s (%s)", "PROMOTED" if decision["promoted"] else "kept champion",
                           decision["reason"])
     return decision
@@ -149,10 +156,12 @@ def train(params: TrainingParameters = TrainingParameters()) -> dict:
     if not cfg.data.source.startswith("builtin:"):
         # Stages read the DVC snapshot, and the version pins prepare's cache key to the content.
         cfg = _pin_data(ws, ["data.source=data/source", f"data.version={data['data_version']}"])
-    wsmod.pull_run_cache(ws)
-    outcomes = {stage: run_stage(ws, stage, params, run_id) for stage in stage_order(ws.root / "dvc.yaml")}
-    pushed = wsmod.push(ws)
-    metrics = storage.read_json(str(ws.root / cfg.paths.reports / "metrics.json"))
+    tracked = cfg.paths.root in ("", ".")
+    if tracked:
+        wsmod.pull_run_cache(ws)
+    outcomes = {stage: run_stage(ws, stage, params, run_id, tracked) for stage in stage_order(ws.root / "dvc.yaml")}
+    pushed = wsmod.push(ws) if tracked else False
+    metrics = storage.read_json(storage.join(artifact_uri(ws, cfg, "reports"), "metrics.json"))
     decision = promote(ws, cfg, run_name)
     _publish_artifacts(metrics, decision, ws, cfg, data)
     _link_latest(ws.root)
@@ -177,6 +186,13 @@ def retrain(params: TrainingParameters = TrainingParameters()) -> dict:
         create_markdown_artifact(key="retrain", markdown=f"**No retraining.** {message}")
         return {"retrained": False, "data_version": version}
     return {"retrained": True, "data_version": version, **train(params)}
+
+
+def artifact_uri(ws: wsmod.Workspace, cfg: Config, name: str) -> str:
+    """Where a stage output lives: under the workspace by default, else under `paths.root`."""
+    if cfg.paths.root in ("", ".") and "://" not in getattr(cfg.paths, name):
+        return str(ws.root / getattr(cfg.paths, name))
+    return cfg.paths.uri(name)
 
 
 def _pin_data(ws: wsmod.Workspace, overrides: list[str]) -> Config:

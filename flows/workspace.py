@@ -64,8 +64,12 @@ def _init_dvc(project: Path, root: Path) -> None:
     config.setdefault("core", {})["no_scm"] = "true"  # runs/ lives inside the project's git checkout
     # Share the project's cache: objects are stored once, and run-cache entries are seen at once.
     config.setdefault("cache", {})["dir"] = str((source / "cache").resolve())
+    remote = os.environ.get("PIPELINE_DVC_REMOTE")  # e.g. s3://bucket/dvc, or a test's tmp folder
+    if remote:
+        config["core"]["remote"] = "shared"
+        config['remote "shared"'] = {"url": remote}
     config.write()
-    if (source / "config.local").exists():
+    if not remote and (source / "config.local").exists():
         shutil.copy2(source / "config.local", root / ".dvc" / "config.local")
 
 

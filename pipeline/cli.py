@@ -7,6 +7,7 @@ problem listed), 143 stopped by SIGTERM (resumable), anything else a bug or infr
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from types import FrameType
@@ -36,6 +37,21 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise Terminated()
 
 
+def _injected_fault(stage: str) -> bool:
+    """PIPELINE_INJECT_FAULT=<stage>:<marker>: fail once like a crashed node (exit 1), for retry tests.
+
+    The marker file records that the fault fired, so the retry then succeeds.
+    """
+    spec = os.environ.get("PIPELINE_INJECT_FAULT", "")
+    target, _, marker = spec.partition(":")
+    if target != stage or not marker or os.path.exists(marker):
+        return False
+    with open(marker, "w") as handle:
+        handle.write("fired\n")
+    print(f"[{stage}] injected infrastructure fault (PIPELINE_INJECT_FAULT)", file=sys.stderr, flush=True)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
@@ -50,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             from flows.training import run_pipeline_cli
 
             return run_pipeline_cli(args.params, args.overrides, force=args.force)
+        if _injected_fault(args.command):
+            return 1
         stage_runner(args.command)(cfg)
         return 0
     except UserInputError as exc:

@@ -89,6 +89,8 @@ class TrainerConfig(_Section):
     """Use channels_last memory format for convolutional backbones (faster on tensor cores)."""
     deterministic: bool = True
     """Deterministic kernels: the same seed gives the same metrics on the same hardware."""
+    data_on_device: bool = False
+    """Keep the whole dataset in GPU memory (datasets that fit): no host-to-device copy per batch."""
     num_workers: int = Field(0, ge=0)
     """DataLoader worker processes. 0 is fastest for the small in-memory demo data."""
     log_every_n_steps: int = Field(10, ge=1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import io
 import signal
 import threading
@@ -59,12 +60,18 @@ def steps_per_epoch(num_samples: int, stage: _TrainStage, world: int) -> int:
 
 def loader(data: TaskArrays, batch_size: int, trainer_cfg: TrainerConfig, shuffle: bool) -> DataLoader:
     workers = trainer_cfg.num_workers
+    images, labels = data.images, data.labels
+    on_gpu = trainer_cfg.accelerator in ("gpu", "cuda") and torch.cuda.is_available()
+    if trainer_cfg.data_on_device and on_gpu:
+        # Each rank holds the whole (small) dataset on its own GPU; batches are sliced there.
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        images, labels, workers, on_gpu = images.to(device), labels.to(device), 0, False
     return DataLoader(
-        TensorDataset(data.images, data.labels),
+        TensorDataset(images, labels),
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=workers,
-        pin_memory=trainer_cfg.accelerator in ("gpu", "cuda"),
+        pin_memory=on_gpu,
         persistent_workers=workers > 0,  # workers survive epochs: no re-spawn cost each epoch
         prefetch_factor=4 if workers > 0 else None,
         # fork is unsafe once s3fs/aiohttp threads exist; forkserver starts clean workers.
