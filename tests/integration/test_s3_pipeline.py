@@ -1,0 +1,156 @@
+"""The whole pipeline against a local S3 (moto on 127.0.0.1): source, artifacts, checkpoints
+(with a SIGTERM and a resume), registry and the DVC remote with its shared run-cache."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import storage
+from pipeline.config import apply_overrides, build_config, load_config
+from pipeline.stages import stage_runner
+from tests.conftest import PARAMS, PYTHON, REPO_ROOT, TINY, sets, subprocess_env
+
+pytest_plugins = ["tests.s3_fixtures"]
+
+# Long enough that SIGTERM lands mid-pretraining; checkpoints every 5 steps go to S3.
+RESUMABLE = [*TINY, "pretrain.glyphs_per_class=60", "pretrain.batch_size=16", "pretrain.epochs=3",
+             "pretrain.checkpoint_every_n_steps=5"]
+STEP_LINE = re.compile(r"^\[pretrain\] step (\d+)/(\d+)")
+
+
+def _pretrain_until_sigterm(cwd: Path, overrides: list[str], min_step: int) -> tuple[int, str]:
+    proc = subprocess.Popen([PYTHON, "-m", "pipeline", "pretrain", "--params", str(PARAMS), *sets(overrides)],
+                            cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            match = STEP_LINE.match(line)
+            if match and int(match.group(1)) >= min_step:
+                proc.send_signal(signal.SIGTERM)
+                break
+        seen.append(proc.communicate(timeout=120)[0])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, "".join(seen)
+
+
+@pytest.mark.slow
+def test_stages_on_s3_source_artifacts_checkpoints_and_resume(s3, tmp_path, capsys):
+    source = s3.upload_image_folder(tmp_path / "images", "source/digits", classes=3, per_class=12)
+    root = s3.uri("run")
+    overrides = [*RESUMABLE, f"data.source={source}", f"paths.root={root}"]
+    cfg = load_config(PARAMS, overrides)
+
+    stage_runner("prepare")(cfg)
+    first = capsys.readouterr().out
+    assert "36 downloaded, 0 from the local cache" in first
+    from pipeline.data.sources import load_source
+
+    load_source(source)  # a re-run reads the local cache: only the listing goes to S3
+    assert "0 downloaded, 36 from the local cache" in capsys.readouterr().out
+
+    code, interrupted = _pretrain_until_sigterm(tmp_path, overrides, min_step=7)
+    assert code == 143, interrupted
+    saved = re.search(r"\[checkpoint\] SIGTERM at step (\d+): saved (s3://\S+/last\.ckpt)", interrupted)
+    assert saved, interrupted
+    stopped_at, checkpoint = int(saved.group(1)), saved.group(2)
+    assert storage.exists(checkpoint)
+    assert not storage.exists(storage.join(root, "models", "pretrain", "_COMPLETE"))
+
+    resumed = subprocess.run([PYTHON, "-m", "pipeline", "pretrain", "--params", str(PARAMS), *sets(overrides)],
+                             cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resuming from {checkpoint} at step {stopped_at}" in resumed.stdout
+    steps = [int(m.group(1)) for m in map(STEP_LINE.match, resumed.stdout.splitlines()) if m]
+    summary = storage.read_json(storage.join(root, "models", "pretrain", "summary.json"))
+    assert steps[0] == stopped_at + 1 and steps[-1] == summary["steps"] and summary["resumed_from_step"] == stopped_at
+
+    stage_runner("finetune")(cfg)
+    stage_runner("evaluate")(cfg)
+    logs = capsys.readouterr()
+
+    keys = s3.keys("run/")
+    for output in ("data/prepared", "models/pretrain", "models/finetune", "models/release"):
+        assert f"run/{output}/_COMPLETE" in keys
+    assert {"run/reports/metrics.json", "run/models/release/model_card.json"} <= set(keys)
+    assert not [k for k in keys if ".staging-" in k]  # every upload-aside prefix was cleaned up
+    metrics = storage.read_json(storage.join(root, "reports", "metrics.json"))
+    assert {"test", "scratch", "transfer_gain"} <= set(metrics)
+    card = storage.read_json(storage.join(root, "models", "release", "model_card.json"))
+    assert card["data_source"] == source and card["params"]["paths"]["root"] == root
+    # The secret key is in this process's environment and the stages' and never anywhere else.
+    s3.assert_no_secret(first, interrupted, resumed.stdout, resumed.stderr, logs.out, logs.err,
+                        *(storage.read_bytes(s3.uri(k)).decode("latin-1") for k in keys))
+
+
+def _project(dest: Path, overrides: list[str]) -> Path:
+    """A fresh clone-like project: its own params.yaml and its own (empty) local DVC cache."""
+    dest.mkdir()
+    shutil.copytree(REPO_ROOT / "pipeline", dest / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".dvcignore"):
+        if (REPO_ROOT / name).exists():
+            shutil.copy2(REPO_ROOT / name, dest / name)
+    raw = apply_overrides(yaml.safe_load(PARAMS.read_text()), overrides)
+    build_config(raw)
+    (dest / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return dest
+
+
+def _flow(project: Path, tmp: Path, s3) -> tuple[dict, str]:
+    env = subprocess_env(PIPELINE_PROJECT=str(project), PIPELINE_REGISTRY=s3.uri("registry"),
+                         PIPELINE_DVC_REMOTE=s3.uri("dvc"), PREFECT_HOME=str(tmp / "prefect"),
+                         DVC_NO_ANALYTICS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
+    done = subprocess.run([PYTHON, "-m", "pipeline", "run"], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=600)
+    logs = done.stdout + done.stderr
+    assert done.returncode == 0, logs
+    outcomes = dict(re.findall(r"(prepare|pretrain|finetune|evaluate): (ran|restored from the run-cache)", logs))
+    return outcomes, logs
+
+
+@pytest.mark.slow
+def test_flow_shares_run_cache_through_s3_dvc_remote(s3, tmp_path):
+    """Two clones (separate local DVC caches) share one S3 remote: the second restores every stage."""
+    source = s3.upload_image_folder(tmp_path / "images", "source/digits", classes=3, per_class=12)
+    overrides = [*TINY, f"data.source={source}"]
+
+    first, logs_first = _flow(_project(tmp_path / "clone-a", overrides), tmp_path, s3)
+    assert set(first.values()) == {"ran"} and len(first) == 4, logs_first
+    pushed = s3.keys("dvc/")
+    assert any(k.startswith("dvc/runs/") for k in pushed), pushed  # the run-cache lives on S3
+    assert any(k.startswith("dvc/files/md5/") for k in pushed)
+
+    second, logs_second = _flow(_project(tmp_path / "clone-b", overrides), tmp_path, s3)
+    assert set(second.values()) == {"restored from the run-cache"} and len(second) == 4, logs_second
+    metrics = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("clone-*/runs/*/reports/metrics.json"))]
+    assert len(metrics) == 2 and metrics[0]["test"] == metrics[1]["test"]
+
+    champion = storage.read_json(s3.uri("registry", "champion.json"))
+    assert champion["release"].startswith(s3.uri("registry", "releases"))
+    storage.require_complete(champion["release"], produced_by="evaluate")
+    s3.assert_no_secret(logs_first, logs_second, *(p.read_text() for p in tmp_path.glob("clone-*/runs/*/.dvc/config")))
+
+
+def test_dataloader_workers_start_clean_after_s3_use(s3):
+    """s3fs's event-loop thread exists before workers start; forkserver workers never inherit it."""
+    import torch
+
+    from pipeline.config import TrainerConfig
+    from pipeline.data.tasks import TaskArrays
+    from pipeline.training import loader
+
+    storage.write_bytes(s3.uri("probe"), b"x")  # s3fs's IO thread and sessions now exist
+    data = TaskArrays(torch.zeros(8, 1, 4, 4), torch.zeros(8, dtype=torch.long), ["a"])
+    batches = loader(data, 4, TrainerConfig(num_workers=1), shuffle=False)
+    assert batches.multiprocessing_context.get_start_method() == "forkserver"
+    assert sum(len(labels) for _, labels in batches) == 8
