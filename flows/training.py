@@ -160,7 +160,8 @@ def train(params: TrainingParameters = TrainingParameters()) -> dict:
     if tracked:
         wsmod.pull_run_cache(ws)
     outcomes = {stage: run_stage(ws, stage, params, run_id, tracked) for stage in stage_order(ws.root / "dvc.yaml")}
-    pushed = wsmod.push(ws) if tracked else False
+    # Artifacts on s3:// are not DVC outputs, but the source snapshot still goes to the remote.
+    pushed = wsmod.push(ws) if tracked else bool(data["snapshot"]) and wsmod.push(ws, [data["snapshot"]])
     metrics = storage.read_json(storage.join(artifact_uri(ws, cfg, "reports"), "metrics.json"))
     decision = promote(ws, cfg, run_name)
     _publish_artifacts(metrics, decision, ws, cfg, data)

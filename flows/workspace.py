@@ -123,10 +123,10 @@ def dvc_repo(ws: Workspace) -> Iterator["Repo"]:
         os.chdir(previous)
 
 
-def push(ws: Workspace) -> bool:
-    """Push outputs and run-cache entries to the shared remote (no-op without a remote)."""
+def push(ws: Workspace, targets: list[str] | None = None) -> bool:
+    """Push outputs and run-cache entries (or only `targets`) to the shared remote (no-op without a remote)."""
     if not has_remote(ws):
         return False
     with dvc_repo(ws) as repo:
-        repo.push(run_cache=True)
+        repo.push(targets=targets, run_cache=targets is None)
     return True
