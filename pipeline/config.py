@@ -161,7 +161,7 @@ class PretrainConfig(_TrainStage):
 
 
 class FinetuneConfig(_TrainStage):
-    labels_per_class: int | Literal["all"] = 10
+    labels_per_class: int | Literal["all"] = 4
     """Labelled training images per target class (the label budget), or `all`."""
     freeze_backbone_epochs: int = Field(3, ge=0)
     """Epochs that train only the new head before the backbone is unfrozen."""
