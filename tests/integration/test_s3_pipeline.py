@@ -108,7 +108,8 @@ def _project(dest: Path, overrides: list[str]) -> Path:
 def _flow(project: Path, tmp: Path, s3) -> tuple[dict, str]:
     env = subprocess_env(PIPELINE_PROJECT=str(project), PIPELINE_REGISTRY=s3.uri("registry"),
                          PIPELINE_DVC_REMOTE=s3.uri("dvc"), PREFECT_HOME=str(tmp / "prefect"),
-                         DVC_NO_ANALYTICS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+                         DVC_NO_ANALYTICS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")
     env.pop("PREFECT_API_URL", None)
     done = subprocess.run([PYTHON, "-m", "pipeline", "run"], cwd=project, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -120,7 +121,7 @@ def _flow(project: Path, tmp: Path, s3) -> tuple[dict, str]:
 
 @pytest.mark.slow
 def test_flow_shares_run_cache_through_s3_dvc_remote(s3, tmp_path):
-    """Two clones (separate local DVC caches) share one S3 remote: the second restores every stage."""
+    """Two clones (separate local DVC caches) share one S3 remote: the second restores the training stages."""
     source = s3.upload_image_folder(tmp_path / "images", "source/digits", classes=3, per_class=12)
     overrides = [*TINY, f"data.source={source}"]
 
@@ -131,7 +132,10 @@ def test_flow_shares_run_cache_through_s3_dvc_remote(s3, tmp_path):
     assert any(k.startswith("dvc/files/md5/") for k in pushed)
 
     second, logs_second = _flow(_project(tmp_path / "clone-b", overrides), tmp_path, s3)
-    assert set(second.values()) == {"restored from the run-cache"} and len(second) == 4, logs_second
+    restored = {stage for stage, outcome in second.items() if outcome == "restored from the run-cache"}
+    # evaluate's metrics/plots are `cache: false` in dvc.yaml, so DVC does not push them and a
+    # clone without them may re-run evaluate (seconds); the training stages must never re-run.
+    assert {"prepare", "pretrain", "finetune"} <= restored and len(second) == 4, logs_second
     metrics = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("clone-*/runs/*/reports/metrics.json"))]
     assert len(metrics) == 2 and metrics[0]["test"] == metrics[1]["test"]
 
