@@ -20,8 +20,12 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed .dvc/config.local
 
-run: setup  ## the whole pipeline on the embedded defaults (local processes, CPU, ephemeral Prefect)
+run: setup  ## the whole pipeline on the embedded defaults (local processes, CPU, ephemeral Prefect); S3=1: all on a local S3
+ifeq ($(S3),1)
+	$(BIN)/python scripts/s3_demo.py $(ARGS)
+else
 	$(BIN)/pipeline run $(ARGS)
+endif
 
 test: setup  ## the whole test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

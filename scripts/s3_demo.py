@@ -103,8 +103,8 @@ def main(args: list[str]) -> int:
         for path, info in sorted(fs.find(BUCKET, detail=True).items()):
             if "/source/digits/" not in path and "/dvc/files/" not in path:
                 print(f"  {info['size']:>10,d}  s3://{path}")
-        shown = [p for p in fs.find(f"{BUCKET}/dvc")]
-        print(f"  ({count} source images and {len(shown)} DVC objects not listed)")
+        dvc_objects = fs.find(f"{BUCKET}/dvc/files")
+        print(f"  (not listed: {count} source images; {len(dvc_objects)} DVC objects: the source snapshot)")
         if fs.exists(f"{BUCKET}/registry/champion.json"):
             print(f"\n[s3-demo] champion pointer: {fs.cat_file(f'{BUCKET}/registry/champion.json').decode()}")
         return code
