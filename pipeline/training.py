@@ -167,8 +167,13 @@ def fit(
     label: str,
     seed: int,
     monitor_best: bool = False,
+    extra_callbacks: list[Callback] | None = None,
 ) -> FitResult:
-    """Train `module` for exactly `total_steps` optimizer steps, resuming from `checkpoint_dir` if possible."""
+    """Train `module` for exactly `total_steps` optimizer steps, resuming from `checkpoint_dir` if possible.
+
+    `extra_callbacks` observe the run without changing it (the benchmarks record losses and
+    test accuracy through them).
+    """
     quiet_lightning()
     check_distributed(trainer_cfg)
     L.seed_everything(seed, workers=True, verbose=False)
@@ -185,6 +190,7 @@ def fit(
         best = ModelCheckpoint(dirpath=checkpoint_dir, filename=BEST_NAME, monitor="val/acc", mode="max",
                                save_top_k=1, enable_version_counter=False)
         callbacks.append(best)
+    callbacks.extend(extra_callbacks or [])
     strategy = trainer_cfg.strategy
     if strategy == "ddp":
         # Fail in minutes, not the 30-minute default, when a peer never shows up.
