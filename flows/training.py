@@ -51,13 +51,19 @@ def _retry_infra_only(task, task_run, state) -> bool:
     return False
 
 
-def make_launcher(params: TrainingParameters, workdir: Path):
-    if params.launcher == "kubernetes":
-        from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
-        from pipeline.launch.kubernetes import KubernetesLauncher
+TRAINING_STAGES = ("pretrain", "finetune")  # the others are single-process: one pod, no GPUs
 
-        gpus = (params.devices or 1) if params.accelerator == "gpu" else 0
-        return KubernetesLauncher(KubernetesLaunchConfig.from_env(nodes=params.num_nodes or 1, gpus_per_node=gpus))
+
+def make_launcher(params: TrainingParameters, workdir: Path, stage: str):
+    if params.launcher == "kubernetes":
+        from pipeline.launch import kubernetes
+        from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
+
+        training = stage in TRAINING_STAGES
+        gpus = (params.devices or 1) if training and params.accelerator == "gpu" else 0
+        nodes = (params.num_nodes or 1) if training else 1
+        return kubernetes.KubernetesLauncher(KubernetesLaunchConfig.from_env(nodes=nodes, gpus_per_node=gpus),
+                                             kubernetes.default_api_client())
     return LocalLauncher(workdir)
 
 
@@ -74,7 +80,7 @@ def run_stage(ws: wsmod.Workspace, stage: str, params: TrainingParameters, run_i
         if state != "miss":
             logger.info("%s: %s, not re-run", stage, "restored from the run-cache" if state == "run-cache" else state)
             return state
-    launcher = make_launcher(params, ws.root)
+    launcher = make_launcher(params, ws.root, stage)
     # Pods run the image's params.yaml, not this workspace's: ship the flow's overrides with the command.
     args = [arg for item in params.overrides() for arg in ("--set", item)] if params.launcher == "kubernetes" else []
     started = time.perf_counter()
@@ -152,6 +158,9 @@ def train(params: TrainingParameters = TrainingParameters()) -> dict:
     run_id, run_name = _run_name()
     ws = wsmod.create_workspace(PROJECT, RUNS / run_name, params.overrides())
     cfg = build_config(read_params(ws.params_file))
+    if params.launcher == "kubernetes" and cfg.paths.root in ("", "."):
+        raise ConfigError("paths.root: launcher=kubernetes needs artifacts on storage every pod can reach "
+                          "(e.g. s3://bucket/prefix); pods cannot write into this workspace")
     data = version_data(ws, cfg)
     if not cfg.data.source.startswith("builtin:"):
         # Stages read the DVC snapshot, and the version pins prepare's cache key to the content.

@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
             return 0
         if args.command == "run":
+            # The embedded server's first start (SQLite migrations) can exceed Prefect's default on a busy laptop.
+            os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
             from flows.training import run_pipeline_cli
 
             return run_pipeline_cli(args.params, args.overrides, force=args.force)

@@ -82,14 +82,14 @@ def loader(data: TaskArrays, batch_size: int, trainer_cfg: TrainerConfig, shuffl
 class ProgressLines(Callback):
     """One readable line per `log_every_n_steps` and per validation: works in logs, not only TTYs."""
 
-    def __init__(self, label: str, total_steps: int, every: int):
-        self.label, self.total_steps, self.every = label, total_steps, every
+    def __init__(self, label: str, total_steps: int, every: int, start_step: int = 0):
+        self.label, self.total_steps, self.every, self.start_step = label, total_steps, every, start_step
         self.started = time.perf_counter()
 
     def on_fit_start(self, trainer, pl_module):
         # Every rank reports: logs of a multi-node job then prove the world size from all pods.
         print(f"[{self.label}] world_size={trainer.world_size} global_rank={trainer.global_rank} "
-              f"node_rank={trainer.node_rank} start_step={trainer.global_step} total_steps={self.total_steps}",
+              f"node_rank={trainer.node_rank} start_step={self.start_step} total_steps={self.total_steps}",
               flush=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -168,6 +168,7 @@ def fit(
     seed: int,
     monitor_best: bool = False,
     extra_callbacks: list[Callback] | None = None,
+    partly_frozen: bool = False,
 ) -> FitResult:
     """Train `module` for exactly `total_steps` optimizer steps, resuming from `checkpoint_dir` if possible.
 
@@ -179,11 +180,17 @@ def fit(
     L.seed_everything(seed, workers=True, verbose=False)
     started = time.perf_counter()
     resume = storage.join(checkpoint_dir, f"{RESUME_NAME}.ckpt")
+    ckpt_path = resume if storage.exists(resume) else None
+    resumed_from = 0
+    if ckpt_path:
+        # Read before fit: Lightning restores global_step only after on_fit_start, too late to report.
+        resumed_from = int(torch.load(io.BytesIO(storage.read_bytes(ckpt_path)), map_location="cpu",
+                                      weights_only=False)["global_step"])
     callbacks: list[Callback] = [
         ModelCheckpoint(dirpath=checkpoint_dir, filename=RESUME_NAME, every_n_train_steps=stage.checkpoint_every_n_steps,
                         save_top_k=1, enable_version_counter=False),
         CheckpointOnSigterm(resume),
-        ProgressLines(label, total_steps, trainer_cfg.log_every_n_steps),
+        ProgressLines(label, total_steps, trainer_cfg.log_every_n_steps, resumed_from),
     ]
     best = None
     if monitor_best and val is not None:
@@ -194,7 +201,8 @@ def fit(
     strategy = trainer_cfg.strategy
     if strategy == "ddp":
         # Fail in minutes, not the 30-minute default, when a peer never shows up.
-        strategy = DDPStrategy(timeout=timedelta(minutes=5))
+        # A backbone frozen for the first epochs gets no gradients then: DDP must be told to expect that.
+        strategy = DDPStrategy(timeout=timedelta(minutes=5), find_unused_parameters=partly_frozen)
     trainer = L.Trainer(
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,
@@ -213,10 +221,7 @@ def fit(
         log_every_n_steps=trainer_cfg.log_every_n_steps,
         default_root_dir=checkpoint_dir,
     )
-    ckpt_path = resume if storage.exists(resume) else None
-    resumed_from = 0
     if ckpt_path:
-        resumed_from = int(torch.load(io.BytesIO(storage.read_bytes(ckpt_path)), map_location="cpu", weights_only=False)["global_step"])
         if trainer.is_global_zero:
             print(f"[{label}] resuming from {ckpt_path} at step {resumed_from}", flush=True)
     trained = torch.compile(module) if trainer_cfg.compile else module
@@ -230,7 +235,7 @@ def fit(
     val_acc = trainer.callback_metrics.get("val/acc")
     return FitResult(
         module=module,
-        best_path=best.best_model_path if best is not None and best.best_model_path else None,
+        best_path=_best_path(best, checkpoint_dir),
         steps=trainer.global_step,
         resumed_from_step=resumed_from,
         wall_time_s=round(time.perf_counter() - started, 3),
@@ -238,6 +243,16 @@ def fit(
         best_score=float(best.best_model_score) if best is not None and best.best_model_score is not None else None,
         is_global_zero=trainer.is_global_zero,
     )
+
+
+def _best_path(best: ModelCheckpoint | None, checkpoint_dir: str) -> str | None:
+    if best is None:
+        return None
+    if best.best_model_path:
+        return best.best_model_path
+    # Resumed at the very end: no validation ran in this process, but the earlier best is on disk.
+    fallback = storage.join(checkpoint_dir, f"{BEST_NAME}.ckpt")
+    return fallback if storage.exists(fallback) else None
 
 
 def checkpoint_dir_for(root_uri: str, name: str, fingerprint: str) -> str:

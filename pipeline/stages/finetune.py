@@ -50,7 +50,8 @@ def _train_variant(cfg: Config, variant: str, backbone: dict, train, val, image_
         module.backbone.load_state_dict(backbone["backbone"])
     fingerprint = cfg.fingerprint("seed", "data", "trainer", "finetune") + backbone["sha256"][:8]
     checkpoints = checkpoint_dir_for(cfg.paths.uri("checkpoints"), f"finetune-{variant}", fingerprint)
-    result = fit(module, train, val, ft, cfg.trainer, checkpoints, total_steps, label=f"finetune:{variant}", seed=cfg.seed)
+    result = fit(module, train, val, ft, cfg.trainer, checkpoints, total_steps, label=f"finetune:{variant}", seed=cfg.seed,
+                 partly_frozen=transfer and ft.freeze_backbone_epochs > 0)
     return module, {
         "steps": result.steps,
         "resumed_from_step": result.resumed_from_step,
