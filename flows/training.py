@@ -145,17 +145,50 @@ def _publish_artifacts(metrics: dict, decision: dict, ws: wsmod.Workspace, cfg: 
     ]))
 
 
+def _delete_kubernetes_jobs(flow, flow_run, state) -> None:
+    """on_cancellation / on_crashed: no GPU pod may outlive its flow run."""
+    params = TrainingParameters.model_validate(flow_run.parameters.get("params") or {})
+    if params.launcher != "kubernetes":
+        return
+    from pipeline.launch import kubernetes
+    from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
+
+    namespace = KubernetesLaunchConfig.from_env().namespace
+    kubernetes.delete_jobs_for_run(str(flow_run.id), namespace, kubernetes.default_api_client())
+
+
+def _clean_orphans(params: TrainingParameters) -> None:
+    """Jobs left by flow runs that crashed without their hooks running (worker lost, OOM-killed)."""
+    if params.launcher != "kubernetes":
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    from pipeline.launch import kubernetes
+    from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
+
+    alive_states = [StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED, StateType.CANCELLING, StateType.PAUSED]
+    with get_client(sync_client=True) as client:
+        alive = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=alive_states))))
+    namespace = KubernetesLaunchConfig.from_env().namespace
+    kubernetes.cleanup_orphans(namespace, [str(run.id) for run in alive], kubernetes.default_api_client(),
+                               log=get_run_logger().info)
+
+
 def _run_name() -> tuple[str, str]:
     ctx = get_run_context()
     run = ctx.flow_run
     return str(run.id), f"{time.strftime('%Y%m%d-%H%M%S')}-{run.name}"
 
 
-@flow(name="train", log_prints=True)
+@flow(name="train", log_prints=True, on_cancellation=[_delete_kubernetes_jobs], on_crashed=[_delete_kubernetes_jobs])
 def train(params: TrainingParameters = TrainingParameters()) -> dict:
     """Version the data, run prepare -> pretrain -> finetune -> evaluate, then the promotion gate."""
     logger = get_run_logger()
     run_id, run_name = _run_name()
+    _clean_orphans(params)
     ws = wsmod.create_workspace(PROJECT, RUNS / run_name, params.overrides())
     cfg = build_config(read_params(ws.params_file))
     if params.launcher == "kubernetes" and cfg.paths.root in ("", "."):

@@ -27,9 +27,24 @@ def standin_cluster(k8s_standin, flow_env, monkeypatch, tmp_path):  # noqa: F811
     return k8s_standin
 
 
+def _create_orphan_job(standin, tmp_path) -> str:
+    """A Job labelled with a flow run id that Prefect has never seen, as a crashed run leaves behind."""
+    from kubernetes import client as k8s
+
+    from pipeline.launch.k8s_manifests import KubernetesLaunchConfig, new_job_name, render_job
+
+    cfg = KubernetesLaunchConfig.from_env()
+    orphan_run = "00000000-dead-4000-8000-000000000000"
+    name = new_job_name("prepare", orphan_run)
+    job = render_job(cfg, name, "prepare", ["--set", f"paths.root={tmp_path / 'orphan'}"], orphan_run, {})
+    k8s.BatchV1Api(standin.api_client()).create_namespaced_job(cfg.namespace, job)
+    return name
+
+
 def test_two_node_ddp_stages_through_kubernetes(standin_cluster, flow_env, tmp_path):
     from flows.training import train
 
+    orphan = _create_orphan_job(standin_cluster, tmp_path)
     params = TrainingParameters(launcher="kubernetes", num_nodes=2, devices=1, accelerator="cpu",
                                 extra_overrides=[*TINY, f"paths.root={tmp_path / 'artifacts'}"])
     state = train(params, return_state=True)
@@ -40,7 +55,9 @@ def test_two_node_ddp_stages_through_kubernetes(standin_cluster, flow_env, tmp_p
     assert summary["world_size"] == 2
 
     # One indexed Job per stage; the training ones had two pods (completion indexes 0 and 1).
-    jobs = {job["metadata"]["labels"]["pipeline.example/stage"]: job for job in standin_cluster.jobs()}
+    remaining = standin_cluster.jobs()
+    assert orphan not in {job["metadata"]["name"] for job in remaining}, "the crashed run's Job was not cleaned up"
+    jobs = {job["metadata"]["labels"]["pipeline.example/stage"]: job for job in remaining}
     assert jobs["pretrain"]["spec"]["completions"] == 2 and jobs["prepare"]["spec"]["completions"] == 1
 
     messages = [log.message for log in logs_of(state.state_details.flow_run_id)]
