@@ -59,9 +59,11 @@ def run_direct(workdir: Path, overrides: list[str]) -> dict[str, float]:
     times = {}
     for stage in STAGES:
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "pipeline", stage, *sets], cwd=workdir, env=_env(), check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        done = subprocess.run([sys.executable, "-m", "pipeline", stage, *sets], cwd=workdir, env=_env(),
+                              capture_output=True, text=True)
         times[stage] = time.perf_counter() - started
+        if done.returncode != 0:
+            raise SystemExit(f"{stage} exited {done.returncode}:\n{(done.stdout + done.stderr)[-3000:]}")
     return times
 
 
