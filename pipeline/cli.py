@@ -14,6 +14,7 @@ from types import FrameType
 
 from pipeline.config import DEFAULT_PARAMS, load_config
 from pipeline.errors import EXIT_SIGTERM, EXIT_USER_ERROR, UserInputError
+from pipeline.preflight import PreflightError
 from pipeline.stages import STAGES, stage_runner
 from pipeline.training import Terminated
 
@@ -75,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserInputError as exc:
         print(f"error: {exc.render()}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except PreflightError as exc:
+        print(f"error: {exc}", file=sys.stderr)  # infra fault (exit 1): the job's shape is wrong, not the params
+        return 1
     except Terminated:
         print("terminated by SIGTERM: progress is checkpointed; re-run to resume", file=sys.stderr)
         return EXIT_SIGTERM
