@@ -1,0 +1,71 @@
+"""Preemption of a real pretrain stage on the Kubernetes API stand-in.
+
+The evicted pod gets SIGTERM (as the kubelet sends it), checkpoints and exits 143; the Job's
+podFailurePolicy ignores the disruption and the replacement pod resumes from the checkpoint
+on shared storage. The stage ends with exactly the configured number of steps.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+
+import pytest
+
+from pipeline.launch import StageCommand
+from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
+from pipeline.launch.kubernetes import KubernetesLauncher
+from tests.integration.test_k8s_launcher import Lines, _wait_for
+from tests.k8s_standin import k8s_standin  # noqa: F401  (pytest fixture)
+
+pytestmark = pytest.mark.slow
+
+# ~58 steps: long enough to evict mid-training, checkpoints every 5 steps.
+LONG_TINY = ["pretrain.epochs=2", "pretrain.glyphs_per_class=100", "pretrain.batch_size=32",
+             "pretrain.model.width=8", "pretrain.model.depth=1", "pretrain.checkpoint_every_n_steps=5",
+             "trainer.log_every_n_steps=1"]
+
+
+def _run_and_evict(standin, tmp_path, nodes: int, evict_index: int) -> tuple[int, str, dict]:
+    root = tmp_path / "artifacts"
+    sets = [*LONG_TINY, f"paths.root={root}"]
+    from pipeline.config import load_config
+    from pipeline.stages import stage_runner
+    from tests.conftest import PARAMS
+
+    stage_runner("prepare")(load_config(PARAMS, sets))
+    cfg = KubernetesLaunchConfig(namespace="ml", image="registry.example/pipeline:test", nodes=nodes,
+                                 poll_seconds=0.3, log_dir=str(tmp_path / "logs"), termination_grace_seconds=20,
+                                 backoff_limit=3)
+    launcher = KubernetesLauncher(cfg, standin.api_client())
+    log, outcome = Lines(), {}
+    command = StageCommand("pretrain", args=[part for s in sets for part in ("--set", s)], run_id="preempt")
+    thread = threading.Thread(target=lambda: outcome.update(code=launcher.run(command, log)))
+    thread.start()
+    _wait_for(lambda: re.search(r"\[pretrain\] step (1[0-9]|[2-9][0-9])/", log.text()), "10 training steps", 180)
+    victim = next(p for p in standin.pods()
+                  if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == str(evict_index))
+    standin.evict(victim["metadata"]["name"])
+    thread.join(300)
+    summary = json.loads((root / "models" / "pretrain" / "summary.json").read_text())
+    return outcome.get("code"), log.text(), summary
+
+
+def test_single_node_eviction_resumes_to_the_configured_steps(k8s_standin, tmp_path):  # noqa: F811
+    code, text, summary = _run_and_evict(k8s_standin, tmp_path, nodes=1, evict_index=0)
+    assert code == 0, text[-3000:]
+    assert re.search(r"SIGTERM at step \d+: saved", text), "the evicted pod did not checkpoint"
+    resumed = re.search(r"resuming from \S+ at step (\d+)", text)
+    assert resumed and int(resumed.group(1)) >= 10
+    total = int(re.search(r"total_steps=(\d+)", text).group(1))
+    assert summary["steps"] == total and summary["resumed_from_step"] == int(resumed.group(1))
+
+
+def test_two_node_eviction_of_one_rank_resumes_both(k8s_standin, tmp_path):  # noqa: F811
+    """Rank 1 is preempted; rank 0's collective fails fast, both pods are replaced and resume."""
+    code, text, summary = _run_and_evict(k8s_standin, tmp_path, nodes=2, evict_index=1)
+    assert code == 0, text[-3000:]
+    resumed = re.search(r"resuming from \S+ at step (\d+)", text)
+    assert resumed and int(resumed.group(1)) >= 5
+    total = int(re.search(r"total_steps=(\d+)", text).group(1))
+    assert summary["world_size"] == 2 and summary["steps"] == total
