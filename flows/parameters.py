@@ -1,6 +1,7 @@
 """Flow parameters: a typed model the Prefect UI renders as a form. They overlay params.yaml."""
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -19,7 +20,9 @@ class TrainingParameters(BaseModel):
     num_nodes: int | None = Field(None, ge=1)
     seed: int | None = None
     promotion_margin: float | None = Field(None, ge=0, le=1, description="challenger must win by more than this")
-    launcher: Literal["local", "kubernetes"] = Field("local", description="where stages run")
+    launcher: Literal["local", "kubernetes"] = Field(
+        # Per deployment: the Kubernetes work pool's flow-run pods set PIPELINE_LAUNCHER=kubernetes.
+        default_factory=lambda: os.environ.get("PIPELINE_LAUNCHER", "local"), description="where stages run")
     force: bool = Field(False, description="re-run every stage and retrain even if nothing changed")
     extra_overrides: list[str] = Field(default_factory=list, description="more params as key.path=value")
 
