@@ -19,12 +19,13 @@ ENV VIRTUAL_ENV=/opt/venv \
 RUN python3 -m venv "$VIRTUAL_ENV"
 
 WORKDIR /app
-# Dependencies change less often than code: copy the metadata first for a cacheable layer.
 COPY pyproject.toml ./
 COPY pipeline/ pipeline/
 COPY flows/ flows/
 RUN pip install --no-cache-dir .
-COPY params.yaml ./
+# The flow reads the stage graph from dvc.yaml and makes per-run DVC workspaces from these.
+COPY params.yaml dvc.yaml .dvcignore ./
+COPY .dvc/config .dvc/config
 
 # Non-root with a fixed UID, matching runAsUser in the Job manifests and k8s/.
 RUN groupadd --gid 10001 app && useradd --uid 10001 --gid app --no-create-home --shell /usr/sbin/nologin app \
