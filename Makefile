@@ -7,6 +7,8 @@ BIN := $(abspath $(VENV))/bin
 DVC_REMOTE ?= $(HOME)/.cache/pipeline/dvc-remote
 export PATH := $(BIN):$(PATH)
 export PREFECT_HOME ?= $(abspath .prefect)
+# The embedded server's telemetry heartbeat only adds "database is locked" noise to SQLite.
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
 .PHONY: setup run test ui bench lint clean
 
@@ -27,7 +29,8 @@ else
 	$(BIN)/pipeline run $(ARGS)
 endif
 
-test: setup  ## the whole test suite
+test: setup  ## the whole test suite (installs Debian's chromium for the browser test when root)
+	bash scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ui: setup  ## Prefect server + UI on http://127.0.0.1:4200 serving the train/retrain deployments

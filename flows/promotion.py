@@ -14,10 +14,11 @@ from pipeline.models.bundle import load_classifier
 from pipeline.stages.evaluate import score
 
 CHAMPION = "champion.json"
+LAST_EVALUATED = "last_evaluated.json"  # the data the newest challenger saw, promoted or not
 
 
-def champion_pointer(registry: str) -> dict | None:
-    uri = storage.join(registry, CHAMPION)
+def champion_pointer(registry: str, name: str = CHAMPION) -> dict | None:
+    uri = storage.join(registry, name)
     return storage.read_json(uri) if storage.exists(uri) else None
 
 
@@ -47,6 +48,8 @@ def decide(cfg: Config, outputs: dict[str, str], registry: str, run_name: str) -
     release = storage.join(registry, "releases", run_name)
     decision["release"] = release
     _archive(outputs["release"], release, decision)
+    storage.write_json(storage.join(registry, LAST_EVALUATED), {
+        "run": run_name, "data_version": metrics["data_version"], "promoted": decision["promoted"]})
     if decision["promoted"]:
         storage.write_json(storage.join(registry, CHAMPION), {
             "run": run_name, "release": release, "test_accuracy": challenger,

@@ -21,7 +21,7 @@ from prefect.context import get_run_context
 from flows import workspace as wsmod
 from flows.dag import stage_order
 from flows.parameters import TrainingParameters
-from flows.promotion import champion_pointer, decide
+from flows.promotion import LAST_EVALUATED, champion_pointer, decide
 from pipeline import storage
 from pipeline.config import Config, build_config, read_params
 from pipeline.errors import EXIT_SIGTERM, EXIT_USER_ERROR, ConfigError, UserInputError
@@ -221,10 +221,12 @@ def retrain(params: TrainingParameters = TrainingParameters()) -> dict:
 
     raw = read_params(PROJECT / "params.yaml")
     source = params.data_source or raw.get("data", {}).get("source", "builtin:digits")
-    champion = champion_pointer(REGISTRY)
+    # Compare with the newest *evaluated* run, not only the champion: a challenger that lost on this
+    # data must not be retrained every week until the data changes.
+    last = champion_pointer(REGISTRY, LAST_EVALUATED) or champion_pointer(REGISTRY)
     version = data_version(load_source(source))
-    if champion and champion.get("data_version") == version and not params.force:
-        message = f"no change: data {version} is what champion {champion['run']} was trained on; nothing to do"
+    if last and last.get("data_version") == version and not params.force:
+        message = f"no change: data {version} was already evaluated in run {last['run']}; nothing to do"
         get_run_logger().info(message)
         create_markdown_artifact(key="retrain", markdown=f"**No retraining.** {message}")
         return {"retrained": False, "data_version": version}
