@@ -67,7 +67,7 @@ def make_launcher(params: TrainingParameters, workdir: Path, stage: str):
     return LocalLauncher(workdir)
 
 
-@task(task_run_name="{stage}", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_infra_only)
+@task(task_run_name="run_stage:{stage}", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_infra_only)
 def run_stage(ws: wsmod.Workspace, stage: str, params: TrainingParameters, run_id: str, dvc_tracked: bool) -> str:
     """Restore from DVC's run-cache if possible, else launch the stage, then record it in DVC.
 
