@@ -133,10 +133,9 @@ def test_flow_shares_run_cache_through_s3_dvc_remote(s3, tmp_path):
 
     second, logs_second = _flow(_project(tmp_path / "clone-b", overrides), tmp_path, s3)
     restored = {stage for stage, outcome in second.items() if outcome == "restored from the run-cache"}
-    # evaluate's metrics/plots are `cache: false` in dvc.yaml, so DVC does not push them and a
-    # clone without them may re-run evaluate (seconds); the training stages must never re-run.
-    assert {"prepare", "pretrain", "finetune"} <= restored and len(second) == 4, logs_second
-    metrics = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("clone-*/runs/*/reports/metrics.json"))]
+    assert restored == {"prepare", "pretrain", "finetune", "evaluate"}, logs_second
+    metrics = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("clone-*/runs/*/reports/metrics.json"))
+               if not p.parents[1].is_symlink()]  # runs/latest points at the same run
     assert len(metrics) == 2 and metrics[0]["test"] == metrics[1]["test"]
 
     champion = storage.read_json(s3.uri("registry", "champion.json"))
