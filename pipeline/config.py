@@ -163,7 +163,7 @@ class PretrainConfig(_TrainStage):
 class FinetuneConfig(_TrainStage):
     labels_per_class: int | Literal["all"] = 4
     """Labelled training images per target class (the label budget), or `all`."""
-    freeze_backbone_epochs: int = Field(3, ge=0)
+    freeze_backbone_epochs: int = Field(1, ge=0)
     """Epochs that train only the new head before the backbone is unfrozen."""
     backbone_lr_ratio: float = Field(0.1, gt=0, le=1)
     """Backbone learning rate as a fraction of the head's once unfrozen."""
