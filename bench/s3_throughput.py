@@ -22,8 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
+
+from pipeline.localserver import ServerNotReady, wait_until_answers
 
 
 def _free_port() -> int:
@@ -35,14 +36,12 @@ def _free_port() -> int:
 def _start_moto(port: int) -> subprocess.Popen:
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(200):
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1):
-                return server
-        except OSError:
-            time.sleep(0.2)
-    server.kill()
-    raise RuntimeError("moto server did not start")
+    try:
+        wait_until_answers(server, f"http://127.0.0.1:{port}/moto-api/", timeout_s=60, poll_s=0.2)
+    except ServerNotReady as exc:
+        server.kill()
+        raise RuntimeError(f"moto server {exc}") from None
+    return server
 
 
 def _write_images(root: Path, classes: int, per_class: int, size: int) -> int:

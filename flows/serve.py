@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-import urllib.request
+
+from pipeline.localserver import ServerNotReady, wait_until_answers
 
 HOST, PORT = "127.0.0.1", int(os.environ.get("PIPELINE_UI_PORT", "4200"))
 RETRAIN_CRON = os.environ.get("PIPELINE_RETRAIN_CRON", "0 3 * * 1")  # Mondays 03:00 UTC
@@ -21,17 +21,12 @@ RETRAIN_CRON = os.environ.get("PIPELINE_RETRAIN_CRON", "0 3 * * 1")  # Mondays 0
 def start_server(host: str = HOST, port: int = PORT, timeout_s: float = 120) -> subprocess.Popen:
     """Start `prefect server start` and wait until its API answers."""
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)])
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"prefect server exited with {server.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://{host}:{port}/api/health", timeout=2):
-                return server
-        except OSError:
-            time.sleep(1)
-    server.terminate()
-    raise RuntimeError(f"prefect server did not answer on {host}:{port} within {timeout_s:.0f}s")
+    try:
+        wait_until_answers(server, f"http://{host}:{port}/api/health", timeout_s, poll_s=1)
+    except ServerNotReady as exc:
+        server.terminate()
+        raise RuntimeError(f"prefect server {exc}") from None
+    return server
 
 
 def serve_deployments() -> None:

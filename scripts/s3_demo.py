@@ -19,8 +19,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
+
+from pipeline.localserver import ServerNotReady, wait_until_answers
 
 BUCKET = "pipeline-demo"
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,17 +36,12 @@ def free_port() -> int:
 def start_moto(port: int, log: Path) -> subprocess.Popen:
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"moto server exited with {server.returncode}; see {log}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=2):
-                return server
-        except OSError:
-            time.sleep(0.3)
-    server.terminate()
-    raise RuntimeError(f"moto server did not answer on 127.0.0.1:{port} within 60 s; see {log}")
+    try:
+        wait_until_answers(server, f"http://127.0.0.1:{port}/moto-api/", timeout_s=60, poll_s=0.3)
+    except ServerNotReady as exc:
+        server.terminate()
+        raise RuntimeError(f"moto server {exc}; see {log}") from None
+    return server
 
 
 def upload_digits(fs, prefix: str) -> int:

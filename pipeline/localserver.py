@@ -1,0 +1,24 @@
+"""Waiting for a local server process (Prefect, moto) until its HTTP endpoint answers."""
+from __future__ import annotations
+
+import subprocess
+import time
+import urllib.request
+
+
+class ServerNotReady(RuntimeError):
+    """The process exited, or its endpoint did not answer in time; the message says which."""
+
+
+def wait_until_answers(process: subprocess.Popen, url: str, timeout_s: float, poll_s: float = 0.5) -> None:
+    """Return once `url` answers; raise ServerNotReady if `process` dies or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ServerNotReady(f"exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(poll_s)
+    raise ServerNotReady(f"did not answer on {url} within {timeout_s:.0f} s")
