@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One GPU lease, one script: `python -m bench.gpu`, then the four stages on the GPU with the
-# fast settings (bf16-mixed, channels_last, torch.compile, GPU-resident data).
+# One GPU lease, one script: `python -m bench.profile_step` (where a small step's time goes),
+# `python -m bench.gpu`, then the four stages on the GPU with the fast settings (bf16-mixed,
+# channels_last, torch.compile, GPU-resident data).
 #
 #   OUT=reports/gpu-check scripts/gpu-check.sh     # from the repo root, on a machine with a CUDA GPU
+#   STAGES=0 scripts/gpu-check.sh                  # benchmarks only
 #
 # Packages the machine's Python lacks (its image has torch and lightning, not pydantic) can lie
 # as wheels in .whl/; they are installed to /tmp/site first. Everything lands under $OUT.
@@ -17,7 +19,9 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/nvidia-smi.csv"
 python3 -c 'import torch, lightning; print("torch", torch.__version__, "lightning", lightning.__version__)'
 
+python3 -m bench.profile_step --out "$OUT/profile-step.txt" 2>&1 | grep -v -i warn
 python3 -m bench.gpu --out "$OUT/bench-gpu.json" 2>&1 | tee "$OUT/bench-gpu.log"
+[ "${STAGES:-1}" = 0 ] && exit 0
 
 root=${GPU_RUN_ROOT:-/tmp/gpu-run}
 fast=(--set "paths.root=$root" --set trainer.accelerator=gpu --set trainer.precision=bf16-mixed

@@ -7,6 +7,7 @@ fused scaled-dot-product kernels.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import ModelConfig
@@ -54,6 +55,30 @@ class ConvNet(nn.Module):
         return self.body(x)
 
 
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block; attention through scaled_dot_product_attention (flash kernels on GPU).
+
+    Our own module rather than nn.TransformerEncoderLayer: Dynamo will not compile a torch.nn
+    layer as a region of its own, and one fused qkv projection is what the kernels want anyway.
+    """
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"model.width {dim} must be a multiple of model.heads {heads}")
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, dim)
+        x = x + self.proj(attended)
+        return x + self.mlp(self.norm2(x))
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, image_shape: tuple[int, int, int], dim: int, depth: int, heads: int, patch: int):
         super().__init__()
@@ -63,16 +88,18 @@ class VisionTransformer(nn.Module):
         self.patch_embed = nn.Conv2d(channels, dim, patch, patch)
         self.position = nn.Parameter(torch.zeros(1, (height // patch) * (width // patch), dim))
         nn.init.trunc_normal_(self.position, std=0.02)
-        layer = nn.TransformerEncoderLayer(
-            dim, heads, dim_feedforward=4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
-        )
-        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.blocks = nn.ModuleList(EncoderBlock(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.features = dim
 
+    def compile_regions(self) -> list[nn.Module]:
+        return list(self.blocks)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.position
-        return self.norm(self.encoder(tokens)).mean(dim=1)  # mean-pool: no class token needed
+        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.position
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x).mean(dim=1)  # mean-pool: no class token needed
 
 
 def build_backbone(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> nn.Module:

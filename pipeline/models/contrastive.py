@@ -38,7 +38,5 @@ class ContrastivePretrainer(Classifier):
         images, _labels = batch  # labels are deliberately ignored
         z1, z2 = self(random_affine(images)), self(random_affine(images))
         loss, accuracy = nt_xent(z1.float(), z2.float(), self.hparams.temperature)
-        on_step = split == "train"
-        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, sync_dist=not on_step)
-        self.log(f"{split}/acc", accuracy, on_step=False, on_epoch=True, sync_dist=True)
+        self.record(split, loss, accuracy, len(images))
         return loss

@@ -29,7 +29,7 @@ def test_smoke_run_writes_every_number(tmp_path, capsys):
     assert report["smoke"] is True
     (pretrain,) = report["pretrain"]
     assert len(pretrain["rows"]) == 3 and all(row["images_per_s"] > 0 for row in pretrain["rows"])
-    vit = report["vit"]
+    (vit,) = report["vit"]
     assert vit["lightning"]["images_per_s"] > 0 and vit["pytorch"]["images_per_s"] > 0
     assert vit["train_flops_per_image_analytic"] > 0 and vit["mfu_lightning"] is None  # no peak on CPU
     printed = capsys.readouterr().out
