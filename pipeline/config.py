@@ -167,6 +167,9 @@ class FinetuneConfig(_TrainStage):
     """Epochs that train only the new head before the backbone is unfrozen."""
     backbone_lr_ratio: float = Field(0.1, gt=0, le=1)
     """Backbone learning rate as a fraction of the head's once unfrozen."""
+    head_init: Literal["imprint", "random"] = "imprint"
+    """The new head's start: `imprint` sets each class's weights to its mean pretrained feature (a
+    nearest-class-mean classifier before any step); `random` is the usual random init."""
     augment: bool = False
     """Random affine + noise augmentation of training batches (both fine-tuned and scratch)."""
     train_scratch_baseline: bool = True

@@ -16,6 +16,8 @@ from pipeline.models.augment import random_affine
 from pipeline.models.backbones import build_backbone
 from pipeline.optim import build_optimizer, build_scheduler, param_groups
 
+IMPRINT_SCALE = 10.0  # logits = 10 x cosine: confident enough to classify, soft enough to keep learning
+
 
 class Classifier(L.LightningModule):
     def __init__(
@@ -45,6 +47,26 @@ class Classifier(L.LightningModule):
     def compile_regions(self) -> list[nn.Module]:
         """The blocks training.compile_in_place compiles one by one: a ViT's encoder layers."""
         return list(getattr(self.backbone, "compile_regions", lambda: [])())
+
+    @torch.no_grad()
+    def imprint_head(self, images: torch.Tensor, labels: torch.Tensor, scale: float = IMPRINT_SCALE) -> None:
+        """Weight imprinting (Qi et al., CVPR 2018): each class's head row is its mean feature's direction.
+
+        The new head then starts as a nearest-class-mean classifier on the pretrained features
+        instead of at chance, so fine-tuning begins from the backbone's accuracy and the first
+        gradients refine features rather than undo them (the LP-FT argument, Kumar et al. 2022).
+        Logits come out as `scale` x cosine similarity at an average feature norm.
+        """
+        training = self.backbone.training
+        self.backbone.eval()  # BatchNorm uses its pretraining statistics
+        features = torch.cat([self.backbone(images[i:i + 512].to(self.device)).float() for i in range(0, len(images), 512)])
+        self.backbone.train(training)
+        labels = labels.to(features.device)
+        linear: nn.Linear = self.head[-1]
+        for cls in labels.unique():
+            direction = F.normalize(features[labels == cls].mean(dim=0), dim=0)
+            linear.weight[cls] = direction * scale / features.norm(dim=1).mean()
+        linear.bias.zero_()
 
     # ---- backbone freezing (transfer learning)
     @property

@@ -48,6 +48,8 @@ def _train_variant(cfg: Config, variant: str, backbone: dict, train, val, image_
     )
     if transfer:
         module.backbone.load_state_dict(backbone["backbone"])
+        if ft.head_init == "imprint":
+            module.imprint_head(train.images, train.labels)
     fingerprint = cfg.fingerprint("seed", "data", "trainer", "finetune") + backbone["sha256"][:8]
     checkpoints = checkpoint_dir_for(cfg.paths.uri("checkpoints"), f"finetune-{variant}", fingerprint)
     result = fit(module, train, val, ft, cfg.trainer, checkpoints, total_steps, label=f"finetune:{variant}", seed=cfg.seed,
