@@ -73,6 +73,10 @@ class Classifier(L.LightningModule):
     def backbone_frozen(self) -> bool:
         return self.current_epoch < self.hparams.freeze_backbone_epochs
 
+    def on_train_start(self) -> None:
+        # A run resumed mid-epoch gets no on_train_epoch_start from Lightning: set the state here too.
+        self.on_train_epoch_start()
+
     def on_train_epoch_start(self) -> None:
         frozen = self.backbone_frozen
         self.backbone.requires_grad_(not frozen)
