@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--params", default=str(REPO / "params.yaml"))
     parser.add_argument("--workdir", type=Path, help="where stage outputs go (default: a fresh tmp folder)")
     parser.add_argument("--parity-epochs", type=int, default=3, help="pretrain epochs per parity run")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating Lightning/PyTorch runs")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating Lightning/PyTorch runs")
     parser.add_argument("--probe-every", type=int, default=1, help="test-accuracy probe interval, in steps")
     parser.add_argument("--skip-flow", action="store_true", help="skip the pipeline overhead section")
     parser.add_argument("--flow-set", action="append", default=None, metavar="KEY.PATH=VALUE",

@@ -116,7 +116,7 @@ class ProgressLines(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         if trainer.is_global_zero and (step % self.every == 0 or step == self.total_steps) and step:
-            loss = getattr(pl_module, "last_train_loss", None)
+            loss = getattr(getattr(pl_module, "train_means", None), "last_loss", None)
             lr = trainer.optimizers[0].param_groups[-1]["lr"]
             rate = step / max(time.perf_counter() - self.started, 1e-9)
             print(f"[{self.label}] step {step}/{self.total_steps} epoch {trainer.current_epoch} "

@@ -19,6 +19,27 @@ from pipeline.optim import build_optimizer, build_scheduler, param_groups
 IMPRINT_SCALE = 10.0  # logits = 10 x cosine: confident enough to classify, soft enough to keep learning
 
 
+class RunningMeans:
+    """One epoch's training loss and accuracy, summed on the device: no host sync per step.
+
+    A plain object, not module state: assigning to a LightningModule attribute goes through
+    nn.Module.__setattr__, which is slow enough to show in a small model's step.
+    """
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(2, device=device)
+        self.count = 0
+        self.last_loss: torch.Tensor | None = None  # ProgressLines prints it every log_every_n_steps
+
+    def add(self, loss: torch.Tensor, accuracy: torch.Tensor, count: int) -> None:
+        self.last_loss = loss.detach()
+        self.sums.add_(torch.stack([self.last_loss, accuracy.detach()]).float(), alpha=count)
+        self.count += count
+
+    def means(self) -> torch.Tensor:
+        return self.sums / max(self.count, 1)
+
+
 class Classifier(L.LightningModule):
     def __init__(
         self,
@@ -82,12 +103,12 @@ class Classifier(L.LightningModule):
         self.backbone.requires_grad_(not frozen)
         # A frozen backbone also keeps its BatchNorm statistics from pretraining.
         self.backbone.train(not frozen)
-        self.train_sums = torch.zeros(3, device=self.device)  # loss x n, accuracy x n, n
+        self.train_means = RunningMeans(self.device)
 
     def on_train_epoch_end(self) -> None:
-        loss, accuracy, count = self.train_sums
-        self.log("train/loss", loss / count, sync_dist=True)
-        self.log("train/acc", accuracy / count, sync_dist=True)
+        loss, accuracy = self.train_means.means()
+        self.log("train/loss", loss, sync_dist=True)
+        self.log("train/acc", accuracy, sync_dist=True)
 
     def record(self, split: str, loss: torch.Tensor, accuracy: torch.Tensor, count: int) -> None:
         """Training steps add to device-side epoch sums; validation goes through self.log.
@@ -97,9 +118,7 @@ class Classifier(L.LightningModule):
         cost one tiny kernel and no synchronisation; they are logged once per epoch.
         """
         if split == "train":
-            self.last_train_loss = loss.detach()  # ProgressLines reads it every log_every_n_steps
-            self.train_sums += torch.stack([loss.detach().float(), accuracy.detach().float(),
-                                            torch.ones((), device=loss.device)]) * count
+            self.train_means.add(loss, accuracy, count)
             return
         self.log(f"{split}/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log(f"{split}/acc", accuracy, on_epoch=True, prog_bar=True, sync_dist=True)

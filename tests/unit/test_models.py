@@ -39,7 +39,7 @@ def test_a_run_resumed_mid_epoch_still_freezes_the_backbone():
     module = _classifier(freeze_backbone_epochs=1)
     module.on_train_start()  # no trainer: current_epoch 0, inside the frozen epoch
     assert not any(p.requires_grad for p in module.backbone.parameters())
-    assert module.backbone.training is False and module.train_sums.tolist() == [0.0, 0.0, 0.0]
+    assert module.backbone.training is False and module.train_means.count == 0
 
 
 def test_a_vit_compiles_block_by_block_and_keeps_its_state_dict_keys():
@@ -53,3 +53,13 @@ def test_a_vit_compiles_block_by_block_and_keeps_its_state_dict_keys():
     cnn = _classifier()
     compile_in_place(cnn)
     assert cnn._compiled_call_impl is not None  # no repeated blocks: the whole forward
+
+
+def test_running_means_weight_each_batch_by_its_size():
+    from pipeline.models.classifier import RunningMeans
+
+    means = RunningMeans(torch.device("cpu"))
+    means.add(torch.tensor(1.0), torch.tensor(0.5), 30)
+    means.add(torch.tensor(4.0), torch.tensor(1.0), 10)
+    assert means.means().tolist() == [1.75, 0.625] and means.count == 40
+    assert float(means.last_loss) == 4.0
