@@ -1,9 +1,17 @@
-"""Waiting for a local server process (Prefect, moto) until its HTTP endpoint answers."""
+"""Local server processes (Prefect, moto, the Kubernetes stand-in): a free port, and waiting until they answer."""
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 import urllib.request
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 class ServerNotReady(RuntimeError):

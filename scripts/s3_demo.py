@@ -14,23 +14,17 @@ the one production runs; only the standard AWS environment differs (dummy creden
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from pipeline.localserver import ServerNotReady, wait_until_answers
+from pipeline.localserver import ServerNotReady, free_port, wait_until_answers
 
 BUCKET = "pipeline-demo"
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_moto(port: int, log: Path) -> subprocess.Popen:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import Config, load_config
+from pipeline.localserver import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARAMS = REPO_ROOT / "params.yaml"
@@ -69,11 +69,6 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300, **env: str) -> sub
 def sets(overrides: list[str]) -> list[str]:
     return [arg for o in overrides for arg in ("--set", o)]
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_png(path: Path, array: np.ndarray) -> None:

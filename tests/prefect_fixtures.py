@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from uuid import UUID
 import numpy as np
 import pytest
 
-from pipeline.localserver import ServerNotReady, wait_until_answers
+from pipeline.localserver import ServerNotReady, free_port, wait_until_answers
 from tests.conftest import TINY as STAGE_TINY
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -37,11 +36,6 @@ QUIET_PREFECT = {
     "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",
 }
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def copy_project(dest: Path) -> Path:

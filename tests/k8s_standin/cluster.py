@@ -13,7 +13,6 @@ import copy
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pipeline.localserver import free_port
+
 INDEX_KEY = "batch.kubernetes.io/job-completion-index"
 POD_DNS = re.compile(r"^[a-z0-9.-]+\.svc(\.cluster\.local)?$")
 
@@ -30,11 +31,6 @@ POD_DNS = re.compile(r"^[a-z0-9.-]+\.svc(\.cluster\.local)?$")
 def now_iso() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -85,7 +81,7 @@ class Cluster:
         meta = job["metadata"]
         meta.update(uid=str(uuid.uuid4()), creationTimestamp=now_iso(), resourceVersion="1")
         job["status"] = {"startTime": now_iso(), "active": 0}
-        state = JobState(job, _free_port())
+        state = JobState(job, free_port())
         key = (meta["namespace"], meta["name"])
         with self.lock:
             self.jobs[key] = state
