@@ -2,7 +2,9 @@
 
 A new head is trained on `finetune.labels_per_class` labelled images per class with
 the backbone frozen for `freeze_backbone_epochs`, then everything trains, the backbone at
-`backbone_lr_ratio` x the head's learning rate. The same budget and schedule also train a
+`backbone_lr_ratio` x the head's learning rate. The head starts imprinted
+(`head_init: imprint`): each class's weights point at its mean pretrained feature, so the
+model classifies by nearest class mean before its first step. The same budget and schedule also train a
 scratch model (random backbone, nothing frozen): evaluation's honest baseline.
 
 Validation images are only *reported*, never used to pick a checkpoint: picking on them
