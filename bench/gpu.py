@@ -31,7 +31,7 @@ import tempfile
 import time
 import traceback
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -79,6 +79,8 @@ class Throughput:
     batch_size: int
     steps: int
     seconds: float
+    # Peak GPU memory of the run (None on CPU): what a smaller card must hold for this batch size.
+    peak_memory_gib: float | None = field(default_factory=lambda: peak_gpu_memory_gib())
 
     @property
     def images_per_s(self) -> float:
@@ -86,11 +88,22 @@ class Throughput:
 
     def as_dict(self) -> dict:
         return {"name": self.name, "batch_size": self.batch_size, "timed_steps": self.steps,
-                "seconds": round(self.seconds, 4), "images_per_s": round(self.images_per_s, 1)}
+                "seconds": round(self.seconds, 4), "images_per_s": round(self.images_per_s, 1),
+                "peak_memory_gib": self.peak_memory_gib}
+
+
+def peak_gpu_memory_gib() -> float | None:
+    """Peak allocated since the last call (the counter is reset), in GiB; None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return round(peak, 2)
 
 
 def lightning_throughput(name: str, module: L.LightningModule, data: TaskArrays, cfg: Config, trainer: TrainerConfig,
                          batch_size: int, warmup: int, steps: int) -> Throughput:
+    peak_gpu_memory_gib()  # reset: the peak reported is this run's
     stage = cfg.pretrain.model_copy(update={"batch_size": batch_size, "checkpoint_every_n_steps": warmup + steps + 1})
     probe = ThroughputProbe(warmup, Stopwatch(cuda=True))
     with tempfile.TemporaryDirectory() as checkpoints, quiet():
@@ -102,6 +115,7 @@ def lightning_throughput(name: str, module: L.LightningModule, data: TaskArrays,
 def torch_throughput(name: str, module: Classifier, data: TaskArrays, trainer: TrainerConfig, batch_size: int,
                      warmup: int, steps: int) -> Throughput:
     """What fit() does for one device, by hand: same loader, optimizer, schedule, autocast and compile."""
+    peak_gpu_memory_gib()  # reset: the peak reported is this run's
     device = torch.device("cuda" if trainer.accelerator in ("gpu", "cuda") else "cpu")
     module.to(device).train()
     config = module.configure_optimizers()
