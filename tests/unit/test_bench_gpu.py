@@ -32,5 +32,8 @@ def test_smoke_run_writes_every_number(tmp_path, capsys):
     (vit,) = report["vit"]
     assert vit["lightning"]["images_per_s"] > 0 and vit["pytorch"]["images_per_s"] > 0
     assert vit["train_flops_per_image_analytic"] > 0 and vit["mfu_lightning"] is None  # no peak on CPU
+    assert vit["fp32_eager"]["images_per_s"] > 0 and vit["speedup_over_fp32_eager"] > 0
+    assert report["errors"] == {}
     printed = capsys.readouterr().out
     assert "SPEEDUP" in printed and "RATIO Lightning / PyTorch" in printed
+    assert "SPEEDUP bf16 + compile / fp32 eager" in printed
