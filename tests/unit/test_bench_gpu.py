@@ -37,3 +37,17 @@ def test_smoke_run_writes_every_number(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "SPEEDUP" in printed and "RATIO Lightning / PyTorch" in printed
     assert "SPEEDUP bf16 + compile / fp32 eager" in printed
+
+
+@pytest.mark.slow
+def test_a_failing_section_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(gpu, "pretrain_section", broken)
+    out = tmp_path / "gpu.json"
+    with pytest.raises(SystemExit, match="sections failed: pretrain"):
+        gpu.main(["--smoke", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["errors"] == {"pretrain": "RuntimeError: CUDA out of memory"}
+    assert report["vit"][0]["lightning"]["images_per_s"] > 0  # the ViT section ran and was saved
