@@ -17,25 +17,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from pipeline.localserver import ServerNotReady, free_port, wait_until_answers
-
-
-
-def _start_moto(port: int) -> subprocess.Popen:
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until_answers(server, f"http://127.0.0.1:{port}/moto-api/", timeout_s=60, poll_s=0.2)
-    except ServerNotReady as exc:
-        server.kill()
-        raise RuntimeError(f"moto server {exc}") from None
-    return server
+from pipeline.localserver import free_port, start_moto
 
 
 def _write_images(root: Path, classes: int, per_class: int, size: int) -> int:
@@ -74,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
                       AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
                       AWS_EC2_METADATA_DISABLED="true", PIPELINE_CACHE_DIR=str(work / "cache"))
-    server = _start_moto(port)
+    server = start_moto(port)
     try:
         import contextlib
         import io

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -30,3 +32,16 @@ def wait_until_answers(process: subprocess.Popen, url: str, timeout_s: float, po
         except OSError:
             time.sleep(poll_s)
     raise ServerNotReady(f"did not answer on {url} within {timeout_s:.0f} s")
+
+
+def start_moto(port: int, log: Path | None = None) -> subprocess.Popen:
+    """moto's S3 server as its own process on 127.0.0.1:`port`, answering; output to `log` or dropped."""
+    out = log.open("w") if log else subprocess.DEVNULL
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until_answers(server, f"http://127.0.0.1:{port}/moto-api/", timeout_s=60, poll_s=0.2)
+    except ServerNotReady as exc:
+        server.terminate()
+        raise RuntimeError(f"moto server {exc}" + (f"; see {log}" if log else "")) from None
+    return server

@@ -20,22 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.localserver import ServerNotReady, free_port, wait_until_answers
+from pipeline.localserver import free_port, start_moto
 
 BUCKET = "pipeline-demo"
 ROOT = Path(__file__).resolve().parent.parent
-
-
-
-def start_moto(port: int, log: Path) -> subprocess.Popen:
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log.open("w"), stderr=subprocess.STDOUT)
-    try:
-        wait_until_answers(server, f"http://127.0.0.1:{port}/moto-api/", timeout_s=60, poll_s=0.3)
-    except ServerNotReady as exc:
-        server.terminate()
-        raise RuntimeError(f"moto server {exc}; see {log}") from None
-    return server
 
 
 def upload_digits(fs, prefix: str) -> int:
