@@ -11,9 +11,12 @@ import time
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from pipeline.config import Config
 from pipeline.data.tasks import TaskArrays
+from pipeline.models.augment import random_affine
 from pipeline.models.classifier import Classifier
 from pipeline.optim import effective_lr
 from pipeline.training import steps_per_epoch, world_size
@@ -35,6 +38,34 @@ def pretrain_classifier(cfg: Config, image_shape: tuple[int, int, int], num_clas
         channels_last=cfg.trainer.channels_last,
         augment=augment,
     )
+
+
+def raw_training_steps(module: Classifier, batches: DataLoader, device: torch.device,
+                       bf16: bool = False) -> Iterator[torch.Tensor]:
+    """fit()'s training step written out in plain PyTorch, epoch after epoch; yields each step's loss.
+
+    The module's own step in the same order: augment (if the module does) -> forward and
+    cross-entropy (under bf16 autocast if asked, as Lightning's precision context would) -> the
+    accuracy it logs -> zero_grad -> backward -> optimizer step -> schedule step. The
+    benchmarks' hand-written side: parity (losses) and bench.gpu (throughput).
+    """
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    while True:
+        for images, labels in batches:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with autocast:
+                if module.hparams.augment:
+                    images = random_affine(images)
+                logits = module(images)
+                loss = F.cross_entropy(logits, labels)
+            (logits.argmax(dim=1) == labels).float().mean()  # the module computes it for its log too
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            yield loss
 
 
 def pretrain_steps(cfg: Config, train: TaskArrays) -> int:

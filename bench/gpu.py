@@ -25,13 +25,14 @@ with the device synchronised at both ends.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import tempfile
 import time
 import traceback
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.common import Stopwatch, hardware, pretrain_classifier, quiet
+from bench.common import Stopwatch, hardware, pretrain_classifier, quiet, raw_training_steps
 from pipeline.config import Config, TrainerConfig, load_config
 from pipeline.data.glyphs import GLYPHS, render_glyphs
 from pipeline.data.tasks import TaskArrays, to_tensor
@@ -80,7 +81,7 @@ class Throughput:
     steps: int
     seconds: float
     # Peak GPU memory of the run (None on CPU): what a smaller card must hold for this batch size.
-    peak_memory_gib: float | None = field(default_factory=lambda: peak_gpu_memory_gib())
+    peak_memory_gib: float | None = None
 
     @property
     def images_per_s(self) -> float:
@@ -109,7 +110,7 @@ def lightning_throughput(name: str, module: L.LightningModule, data: TaskArrays,
     with tempfile.TemporaryDirectory() as checkpoints, quiet():
         fit(module, data, None, stage, trainer, checkpoints, warmup + steps, label=name, seed=cfg.seed,
             extra_callbacks=[probe])
-    return Throughput(name, batch_size, steps, probe.ended - probe.began)
+    return Throughput(name, batch_size, steps, probe.ended - probe.began, peak_gpu_memory_gib())
 
 
 def torch_throughput(name: str, module: Classifier, data: TaskArrays, trainer: TrainerConfig, batch_size: int,
@@ -118,31 +119,15 @@ def torch_throughput(name: str, module: Classifier, data: TaskArrays, trainer: T
     peak_gpu_memory_gib()  # reset: the peak reported is this run's
     device = torch.device("cuda" if trainer.accelerator in ("gpu", "cuda") else "cpu")
     module.to(device).train()
-    config = module.configure_optimizers()
-    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
     if trainer.compile:
         compile_in_place(module)
-    forward = module
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=trainer.precision == "bf16-mixed")
     batches = loader(data, batch_size, trainer, shuffle=True)
-    clock, began, done = Stopwatch(cuda=True), None, 0
-    while done < warmup + steps:
-        for images, labels in batches:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with autocast:
-                logits = forward(images)
-                loss = F.cross_entropy(logits, labels)
-            (logits.argmax(dim=1) == labels).float().mean()  # the module computes it for its log too
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            done += 1
-            if done == warmup:
-                began = clock.now()
-            if done == warmup + steps:
-                break
-    return Throughput(name, batch_size, steps, clock.now() - began)
+    clock, began = Stopwatch(cuda=True), None
+    run = raw_training_steps(module, batches, device, bf16=trainer.precision == "bf16-mixed")
+    for done, _ in enumerate(itertools.islice(run, warmup + steps), start=1):
+        if done == warmup:
+            began = clock.now()
+    return Throughput(name, batch_size, steps, clock.now() - began, peak_gpu_memory_gib())
 
 
 def step_flops(module: Classifier, image_shape: tuple[int, int, int], batch: int, device: torch.device) -> int:

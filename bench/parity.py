@@ -15,19 +15,18 @@ Augmentation and dropout stay on: both loops draw the same random numbers in the
 from __future__ import annotations
 
 import gc
+import itertools
 import tempfile
 from dataclasses import dataclass, field
 
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-from bench.common import Stopwatch, median, pretrain_classifier, pretrain_steps, quiet
+from bench.common import Stopwatch, median, pretrain_classifier, pretrain_steps, quiet, raw_training_steps
 from pipeline.config import Config
 from pipeline.data.tasks import TaskArrays
-from pipeline.models.augment import random_affine
 from pipeline.training import fit, loader
 
 
@@ -80,27 +79,12 @@ def torch_loop(cfg: Config, train: TaskArrays, image_shape, total_steps: int) ->
     torch.use_deterministic_algorithms(cfg.trainer.deterministic)
     device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu")
     module.to(device).train()
-    config = module.configure_optimizers()
-    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
     batches = loader(train, cfg.pretrain.batch_size, cfg.trainer, shuffle=True)
     losses: list[float] = []
     ends: list[float] = []
-    while len(losses) < total_steps:
-        for images, labels in batches:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            if module.hparams.augment:
-                images = random_affine(images)
-            logits = module(images)
-            loss = F.cross_entropy(logits, labels)
-            (logits.argmax(dim=1) == labels).float().mean()  # the module computes it for its log too
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-            ends.append(clock.now())
-            if len(losses) == total_steps:
-                break
+    for loss in itertools.islice(raw_training_steps(module, batches, device), total_steps):
+        losses.append(loss.item())
+        ends.append(clock.now())
     torch.use_deterministic_algorithms(False)
     return Run(losses, clock.now() - started, ends)
 

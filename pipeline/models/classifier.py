@@ -84,9 +84,9 @@ class Classifier(L.LightningModule):
         self.backbone.train(training)
         labels = labels.to(features.device)
         linear: nn.Linear = self.head[-1]
+        length = scale / features.norm(dim=1).mean()
         for cls in labels.unique():
-            direction = F.normalize(features[labels == cls].mean(dim=0), dim=0)
-            linear.weight[cls] = direction * scale / features.norm(dim=1).mean()
+            linear.weight[cls] = F.normalize(features[labels == cls].mean(dim=0), dim=0) * length
         linear.bias.zero_()
 
     # ---- backbone freezing (transfer learning)
