@@ -1,36 +1,57 @@
-# One image for every stage: `python -m pipeline <stage>`. CUDA runtime base so the same
-# image drives GPUs on Kubernetes and CPUs anywhere. Build: docker build -t REGISTRY/pipeline:TAG .
+# One image for every stage and for Prefect flow runs. Build: docker build -t REGISTRY/pipeline:TAG .
+# No CUDA base image: torch==2.13.0 from PyPI is the CUDA 13 build and its nvidia-*/cuda-* wheels
+# (pinned in requirements/image.lock) carry the CUDA runtime, so GPU nodes need NVIDIA driver >= 580;
+# the same image runs on CPU-only nodes.
 # checkov:skip=CKV_DOCKER_2: batch image; Kubernetes ignores HEALTHCHECK and Job status is the health signal
-FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
 
-# Python from the distro (3.10, within requires-python); pinned for reproducible layers.
-RUN apt-get update \
- && apt-get install -y --no-install-recommends \
-      python3=3.10.6-1~22.04.1 python3-venv=3.10.6-1~22.04.1 ca-certificates=20240203~22.04.1 \
- && rm -rf /var/lib/apt/lists/*
+# Base: python:3.12-slim-bookworm (3.12.15), pinned by its multi-platform index digest so a re-pushed
+# tag cannot change Python or Debian under us. Both stages must use the same digest (the venv's
+# python links to /usr/local/bin/python3.12). Refresh deliberately, in its own commit:
+#   docker buildx imagetools inspect python:3.12-slim-bookworm   # "Digest:" line, then replace both FROMs
 
-# A venv keeps pip away from the distro's Python packages; PATH makes `python` this one.
+# --- builder: the dependency venv, from the hashed lock only --------------------------------------
+FROM python:3.12-slim-bookworm@sha256:54c85f3c47607a77f32adec749d3c81d1348bf25833671f512b26a9b6d778cb3 AS builder
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv "$VIRTUAL_ENV"
+# Only the lock is copied here, so this multi-GB layer is rebuilt when the lock changes, never
+# for a code change. Regenerate the lock with: sh requirements/lock.sh
+# All wheels except antlr4-python3-runtime (pure-Python sdist, built here with setuptools).
+COPY requirements/image.lock /tmp/image.lock
+RUN pip install --no-cache-dir --require-hashes --requirement /tmp/image.lock
+
+# --- final: slim runtime, venv + code, non-root --------------------------------------------------
+FROM python:3.12-slim-bookworm@sha256:54c85f3c47607a77f32adec749d3c81d1348bf25833671f512b26a9b6d778cb3 AS runtime
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HOME=/tmp
-RUN python3 -m venv "$VIRTUAL_ENV"
-
-WORKDIR /app
-COPY pyproject.toml ./
-COPY pipeline/ pipeline/
-COPY flows/ flows/
-RUN pip install --no-cache-dir .
-# The flow reads the stage graph from dvc.yaml and makes per-run DVC workspaces from these.
-COPY params.yaml dvc.yaml .dvcignore ./
-COPY .dvc/config .dvc/config
 
 # Non-root with a fixed UID, matching runAsUser in the Job manifests and k8s/.
-RUN groupadd --gid 10001 app && useradd --uid 10001 --gid app --no-create-home --shell /usr/sbin/nologin app \
- && chown -R app:app /app
+RUN groupadd --gid 10001 app \
+ && useradd --uid 10001 --gid app --no-create-home --home-dir /tmp --shell /usr/sbin/nologin app
+
+COPY --from=builder /opt/venv /opt/venv
+
+WORKDIR /app
+# The flow reads the stage graph from dvc.yaml and makes per-run DVC workspaces from these.
+COPY --chown=10001:10001 params.yaml dvc.yaml .dvcignore ./
+COPY --chown=10001:10001 .dvc/config .dvc/config
+# Code last: a code change rebuilds only these small layers. The dependencies are already in the
+# venv, so --no-deps; --no-build-isolation builds with the locked setuptools (no download).
+COPY --chown=10001:10001 pyproject.toml ./
+COPY --chown=10001:10001 pipeline/ pipeline/
+COPY --chown=10001:10001 flows/ flows/
+# Flow runs write runs/<name>/ and DVC writes .dvc/tmp and .dvc/cache under /app: owned by the app user.
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
+ && rm -rf build ./*.egg-info \
+ && mkdir -p runs \
+ && chown 10001:10001 /app /app/.dvc /app/runs
 USER 10001:10001
 
-ENTRYPOINT ["python", "-m", "pipeline"]
-CMD ["--help"]
+# No ENTRYPOINT: Prefect's Kubernetes worker sets only args (prefect flow-run execute) and the stage
+# launcher sets command ["python", "-m", "pipeline"] + args; both replace this CMD.
+CMD ["pipeline", "--help"]

@@ -82,11 +82,12 @@ def main(argv: list[str] | None = None) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="flow-overhead-"))
     project = _copy_project(tmp / "project")
-    # flows.training reads these at import: set them first.
-    os.environ.update(PIPELINE_PROJECT=str(project), PIPELINE_RUNS_DIR=str(tmp / "runs"),
-                      PIPELINE_REGISTRY=str(tmp / "registry"), PIPELINE_DVC_REMOTE=str(tmp / "dvc-remote"),
-                      PREFECT_HOME=str(tmp / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                      PREFECT_LOGGING_LEVEL="WARNING")
+    from pipeline.config import update_params_file
+
+    update_params_file(project / "params.yaml", [f"paths.runs={tmp / 'runs'}", f"paths.registry={tmp / 'registry'}",
+                                                 f"paths.dvc_remote={tmp / 'dvc-remote'}"])
+    os.environ.update(PIPELINE_PROJECT=str(project), PREFECT_HOME=str(tmp / "prefect-home"),
+                      PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING")
     os.environ["PATH"] = _env()["PATH"]
     from prefect import flow
 

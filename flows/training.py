@@ -23,14 +23,24 @@ from flows.dag import stage_order
 from flows.parameters import TrainingParameters
 from flows.promotion import LAST_EVALUATED, champion_pointer, decide
 from pipeline import storage
-from pipeline.config import Config, build_config, read_params
+from pipeline.config import Config, apply_overrides, build_config, read_params, update_params_file
 from pipeline.errors import EXIT_SIGTERM, EXIT_USER_ERROR, ConfigError, UserInputError
+from pipeline.launch.kubernetes import KubernetesLaunchError
 from pipeline.launch import StageCommand
 from pipeline.launch.local import LocalLauncher
 
-PROJECT = Path(os.environ.get("PIPELINE_PROJECT", Path(__file__).resolve().parent.parent))
-RUNS = Path(os.environ.get("PIPELINE_RUNS_DIR", PROJECT / "runs"))
-REGISTRY = os.environ.get("PIPELINE_REGISTRY", str(PROJECT / "registry"))
+
+
+def project_root() -> Path:
+    """The project the flow copies into each workspace: this checkout, or `PIPELINE_PROJECT`
+    (the image's /app on Kubernetes, a private copy in tests). Where runs, the registry and the
+    DVC remote live is configuration (`paths.runs`, `paths.registry`, `paths.dvc_remote`)."""
+    return Path(os.environ.get("PIPELINE_PROJECT") or Path(__file__).resolve().parent.parent)
+
+
+def effective_config(params: TrainingParameters, project: Path | None = None) -> Config:
+    """params.yaml + the flow's overrides, validated (exit-2 errors before any work)."""
+    return build_config(apply_overrides(read_params((project or project_root()) / "params.yaml"), params.overrides()))
 
 
 class StageInputError(Exception):
@@ -44,8 +54,8 @@ class StageInfraError(Exception):
 def _retry_infra_only(task, task_run, state) -> bool:
     try:
         state.result()
-    except StageInputError:
-        return False
+    except (StageInputError, KubernetesLaunchError, UserInputError):
+        return False  # bad input, RBAC (403) or an invalid object (422): the same request fails again
     except Exception:
         return True
     return False
@@ -63,7 +73,7 @@ def make_launcher(params: TrainingParameters, workdir: Path, stage: str):
         gpus = (params.devices or 1) if training and params.accelerator == "gpu" else 0
         nodes = (params.num_nodes or 1) if training else 1
         return kubernetes.KubernetesLauncher(KubernetesLaunchConfig.from_env(nodes=nodes, gpus_per_node=gpus),
-                                             kubernetes.default_api_client())
+                                             kubernetes.default_api_client(), owner=kubernetes.owner_from_env())
     return LocalLauncher(workdir)
 
 
@@ -118,7 +128,7 @@ def version_data(ws: wsmod.Workspace, cfg: Config) -> dict:
 @task
 def promote(ws: wsmod.Workspace, cfg: Config, run_name: str) -> dict:
     decision = decide(cfg, {name: artifact_uri(ws, cfg, name) for name in ("reports", "prepared", "release")},
-                      REGISTRY, run_name)
+                      cfg.paths.project_uri("registry", ws.project), run_name)
     get_run_logger().info("promotion: %s (%s)", "PROMOTED" if decision["promoted"] else "kept champion",
                           decision["reason"])
     return decision
@@ -188,12 +198,13 @@ def train(params: TrainingParameters = TrainingParameters()) -> dict:
     """Version the data, run prepare -> pretrain -> finetune -> evaluate, then the promotion gate."""
     logger = get_run_logger()
     run_id, run_name = _run_name()
+    project = project_root()
+    cfg = effective_config(params, project)
+    if params.launcher == "kubernetes":
+        _check_kubernetes_storage(cfg, project)  # before any Job: a GPU hour must not end in "no credentials"
     _clean_orphans(params)
-    ws = wsmod.create_workspace(PROJECT, RUNS / run_name, params.overrides())
-    cfg = build_config(read_params(ws.params_file))
-    if params.launcher == "kubernetes" and cfg.paths.root in ("", "."):
-        raise ConfigError("paths.root: launcher=kubernetes needs artifacts on storage every pod can reach "
-                          "(e.g. s3://bucket/prefix); pods cannot write into this workspace")
+    ws = wsmod.create_workspace(project, _runs_dir(cfg, project) / run_name, params.overrides(),
+                                dvc_remote=cfg.paths.project_uri("dvc_remote", project))
     data = version_data(ws, cfg)
     if not cfg.data.source.startswith("builtin:"):
         # Stages read the DVC snapshot, and the version pins prepare's cache key to the content.
@@ -219,12 +230,13 @@ def retrain(params: TrainingParameters = TrainingParameters()) -> dict:
     from pipeline.data.sources import load_source
     from pipeline.stages.prepare import data_version
 
-    raw = read_params(PROJECT / "params.yaml")
-    source = params.data_source or raw.get("data", {}).get("source", "builtin:digits")
+    project = project_root()
+    cfg = effective_config(params, project)
+    registry = cfg.paths.project_uri("registry", project)
     # Compare with the newest *evaluated* run, not only the champion: a challenger that lost on this
     # data must not be retrained every week until the data changes.
-    last = champion_pointer(REGISTRY, LAST_EVALUATED) or champion_pointer(REGISTRY)
-    version = data_version(load_source(source))
+    last = champion_pointer(registry, LAST_EVALUATED) or champion_pointer(registry)
+    version = data_version(load_source(cfg.data.source))
     if last and last.get("data_version") == version and not params.force:
         message = f"no change: data {version} was already evaluated in run {last['run']}; nothing to do"
         get_run_logger().info(message)
@@ -240,14 +252,40 @@ def artifact_uri(ws: wsmod.Workspace, cfg: Config, name: str) -> str:
     return cfg.paths.uri(name)
 
 
+def _runs_dir(cfg: Config, project: Path) -> Path:
+    runs = cfg.paths.project_uri("runs", project)
+    if storage.is_remote(runs):
+        raise ConfigError(f"paths.runs: {runs!r} must be a local folder (each run's DVC workspace lives there)")
+    return Path(runs)
+
+
+def _check_kubernetes_storage(cfg: Config, project: Path) -> None:
+    """Flow-run pods keep nothing: artifacts and the registry must be on storage every pod reaches,
+    with credentials that work (the S3 Secret, or IRSA). Exit 2 naming what is missing, before any Job."""
+    registry = cfg.paths.project_uri("registry", project)
+    problems = []
+    if not storage.is_remote(cfg.paths.root):
+        problems.append("paths.root: launcher=kubernetes needs artifacts on storage every pod can reach "
+                        "(e.g. s3://bucket/prefix); pods cannot write into this workspace")
+    if not storage.is_remote(registry):
+        problems.append(f"paths.registry: {registry!r} is inside the flow-run pod, which is thrown away after the "
+                        "run; set it to s3://bucket/prefix so the champion and last evaluation persist")
+    if problems:
+        raise ConfigError(problems)
+    remote = cfg.paths.project_uri("dvc_remote", project)
+    try:
+        storage.check_buckets([cfg.paths.root, registry, *([remote] if storage.is_remote(remote) else [])])
+    except UserInputError as exc:
+        from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
+
+        secret = KubernetesLaunchConfig.from_env().env_from_secret
+        hint = (f"the flow-run pod reads S3 credentials from Secret {secret!r} (docs/kubernetes.md, step 2)"
+                if secret else "no Secret is configured (env_from_secret: null): IRSA/workload identity must apply")
+        raise type(exc)([*exc.problems, hint]) from None
+
+
 def _pin_data(ws: wsmod.Workspace, overrides: list[str]) -> Config:
-    import yaml
-
-    from pipeline.config import apply_overrides
-
-    raw = apply_overrides(read_params(ws.params_file), overrides)
-    ws.params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return build_config(raw)
+    return update_params_file(ws.params_file, overrides)
 
 
 def _link_latest(run_root: Path) -> None:
@@ -262,7 +300,7 @@ def run_pipeline_cli(params_file: str, overrides: list[str], force: bool = False
     """`pipeline run`: the train flow on the embedded (ephemeral) Prefect server, then a summary table."""
     from flows.summary import print_summary
 
-    if Path(params_file).resolve() != (PROJECT / "params.yaml").resolve():
+    if Path(params_file).resolve() != (project_root() / "params.yaml").resolve():
         raise ConfigError(f"--params {params_file}: `pipeline run` uses the project's params.yaml; "
                           "pass changes with --set")
     state = train(TrainingParameters(extra_overrides=overrides, force=force), return_state=True)

@@ -37,7 +37,7 @@ class Workspace:
         return self.root / "params.yaml"
 
 
-def create_workspace(project: Path, root: Path, overrides: list[str]) -> Workspace:
+def create_workspace(project: Path, root: Path, overrides: list[str], dvc_remote: str = "") -> Workspace:
     """Validate the effective params first (exit-2 errors before any work), then lay out the folder."""
     raw = apply_overrides(read_params(project / "params.yaml"), overrides)
     build_config(raw)  # raises ConfigError listing every problem
@@ -48,11 +48,12 @@ def create_workspace(project: Path, root: Path, overrides: list[str]) -> Workspa
     for name in CODE_DIRS:
         shutil.copytree(project / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    _init_dvc(project, root)
+    _init_dvc(project, root, dvc_remote)
     return Workspace(root=root, project=project)
 
 
-def _init_dvc(project: Path, root: Path) -> None:
+def _init_dvc(project: Path, root: Path, remote: str) -> None:
+    """`remote` (paths.dvc_remote, e.g. s3://bucket/dvc): the shared remote; empty: the project's own."""
     from dvc.repo import Repo
 
     from configobj import ConfigObj
@@ -64,7 +65,6 @@ def _init_dvc(project: Path, root: Path) -> None:
     config.setdefault("core", {})["no_scm"] = "true"  # runs/ lives inside the project's git checkout
     # Share the project's cache: objects are stored once, and run-cache entries are seen at once.
     config.setdefault("cache", {})["dir"] = str((source / "cache").resolve())
-    remote = os.environ.get("PIPELINE_DVC_REMOTE")  # e.g. s3://bucket/dvc, or a test's tmp folder
     if remote:
         config["core"]["remote"] = "shared"
         config['remote "shared"'] = {"url": remote}

@@ -11,7 +11,7 @@ import hashlib
 import json
 import posixpath
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
@@ -50,10 +50,30 @@ class PathsConfig(_Section):
     """Metrics and plots (output of `evaluate`)."""
     checkpoints: str = "checkpoints"
     """Resumable training state. Not a DVC output, so `dvc repro` never deletes it mid-run."""
+    registry: str = "registry"
+    """Model registry of the flows: champion and last-evaluated pointers plus every archived release.
+    Shared by all runs, so never joined with `root`: a folder (relative to the project) or
+    s3://bucket/prefix. On Kubernetes it must be a URI every flow-run pod reaches."""
+    dvc_remote: str = ""
+    """DVC remote of the flows' workspaces (data snapshots, outputs, run-cache): a folder or
+    s3://bucket/prefix. Empty: the project's default remote (.dvc/config, `make` adds one)."""
+    runs: str = "runs"
+    """Where the flows create one workspace per run (relative to the project)."""
+
+    UNROOTED: ClassVar[frozenset[str]] = frozenset({"registry", "dvc_remote", "runs"})
+
+    def project_uri(self, name: str, project: Path) -> str:
+        """Location of a flow-level path (registry, dvc_remote, runs): relative ones are under `project`."""
+        value = getattr(self, name)
+        if not value or "://" in value or value.startswith("/"):
+            return value
+        return str(project / value)
 
     def uri(self, name: str) -> str:
         """Absolute location of one path: `root` joined with it unless it is already absolute."""
         value = getattr(self, name)
+        if name in self.UNROOTED:
+            raise ValueError(f"paths.{name} is not under paths.root; use project_uri()")
         if "://" in value or value.startswith("/") or self.root in ("", "."):
             return value
         return posixpath.join(self.root.rstrip("/"), value)
@@ -276,6 +296,14 @@ def read_params(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     return raw
+
+
+def update_params_file(path: Path | str, overrides: list[str]) -> Config:
+    """Apply dotted overrides to a params file in place (validated first: a bad one leaves it as it was)."""
+    raw = apply_overrides(read_params(path), overrides)
+    cfg = build_config(raw)
+    Path(path).write_text(yaml.safe_dump(raw, sort_keys=False))
+    return cfg
 
 
 def load_config(params: Path | str | None = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Config:

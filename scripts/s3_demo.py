@@ -54,8 +54,6 @@ def main(args: list[str]) -> int:
         "AWS_SECRET_ACCESS_KEY": "demo-secret-key",
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_EC2_METADATA_DISABLED": "true",
-        "PIPELINE_REGISTRY": f"s3://{BUCKET}/registry",
-        "PIPELINE_DVC_REMOTE": f"s3://{BUCKET}/dvc",
     })
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
         os.environ.pop(name, None)
@@ -73,7 +71,9 @@ def main(args: list[str]) -> int:
               f"{time.perf_counter() - started:.1f} s", flush=True)
         command = [sys.executable, "-m", "pipeline", "run",
                    "--set", f"data.source=s3://{BUCKET}/source/digits",
-                   "--set", f"paths.root=s3://{BUCKET}/artifacts", *args]
+                   "--set", f"paths.root=s3://{BUCKET}/artifacts",
+                   "--set", f"paths.registry=s3://{BUCKET}/registry",
+                   "--set", f"paths.dvc_remote=s3://{BUCKET}/dvc", *args]
         print("[s3-demo] " + " ".join(command[2:]), flush=True)
         code = subprocess.run(command, cwd=ROOT).returncode
         fs.invalidate_cache()

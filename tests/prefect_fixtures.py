@@ -49,6 +49,13 @@ def copy_project(dest: Path) -> Path:
     return dest
 
 
+def set_paths(project: Path, **paths) -> None:
+    """Write `paths.<key>: value` into a project copy's params.yaml (where the flow reads them)."""
+    from pipeline.config import update_params_file
+
+    update_params_file(project / "params.yaml", [f"paths.{key}={value}" for key, value in paths.items()])
+
+
 def tool_env(**extra: str) -> dict[str, str]:
     """Environment for subprocesses: this venv's python/dvc first, this checkout importable."""
     env = dict(os.environ)
@@ -99,9 +106,8 @@ class FlowEnv:
         return json.loads(pointer.read_text()) if pointer.exists() else None
 
     def env(self) -> dict[str, str]:
-        """The same settings for a subprocess (flows.training reads them at import)."""
-        return tool_env(PIPELINE_PROJECT=str(self.project), PIPELINE_RUNS_DIR=str(self.runs),
-                        PIPELINE_REGISTRY=str(self.registry), PIPELINE_DVC_REMOTE=str(self.remote))
+        """The same project for a subprocess (its params.yaml names the runs, registry and remote)."""
+        return tool_env(PIPELINE_PROJECT=str(self.project))
 
 
 @pytest.fixture(scope="session")
@@ -124,15 +130,11 @@ def prefect_harness():
 
 @pytest.fixture
 def flow_env(tmp_path: Path, monkeypatch, prefect_harness) -> FlowEnv:
-    """A private project copy, runs folder, registry and DVC remote; flows.training points at them."""
-    import flows.training as training
-
+    """A private project copy whose params.yaml puts runs, registry and DVC remote in tmp folders."""
     env = FlowEnv(tmp=tmp_path, project=copy_project(tmp_path / "project"), runs=tmp_path / "runs",
                   registry=tmp_path / "registry", remote=tmp_path / "dvc-remote")
-    monkeypatch.setattr(training, "PROJECT", env.project)
-    monkeypatch.setattr(training, "RUNS", env.runs)
-    monkeypatch.setattr(training, "REGISTRY", str(env.registry))
-    monkeypatch.setenv("PIPELINE_DVC_REMOTE", str(env.remote))
+    set_paths(env.project, runs=env.runs, registry=env.registry, dvc_remote=env.remote)
+    monkeypatch.setenv("PIPELINE_PROJECT", str(env.project))
     # dvc.yaml's `cmd: python -m pipeline ...` and the stage launcher must find this venv's python.
     monkeypatch.setenv("PATH", os.pathsep.join([VENV_BIN, os.environ.get("PATH", "")]))
     return env

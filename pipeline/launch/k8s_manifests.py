@@ -83,6 +83,8 @@ class KubernetesLaunchConfig(BaseModel):
     """Local folder where each pod's log is kept as <job>/rank-N.log after the pods are gone."""
     poll_seconds: float = Field(2.0, gt=0)
     """Job/pod status poll period (polling keeps RBAC to get/list, no watch needed)."""
+    api_attempts: int = Field(6, ge=1)
+    """Tries per API request on 429, 5xx and dropped connections (exponential backoff, ~30 s in all)."""
 
     @field_validator("image")
     @classmethod
@@ -201,13 +203,24 @@ def _pod_spec(cfg: KubernetesLaunchConfig, job_name: str, stage: str, args: list
     return spec
 
 
+def owner_reference(kind: str, name: str, uid: str, api_version: str = "batch/v1") -> dict:
+    """Makes the garbage collector delete the dependent with its owner. No blockOwnerDeletion:
+    that would need `update` on the owner's finalizers, a right the flow-run pod does not have."""
+    return {"apiVersion": api_version, "kind": kind, "name": name, "uid": uid}
+
+
 def render_job(cfg: KubernetesLaunchConfig, job_name: str, stage: str, args: list[str],
-               run_id: str, env: dict[str, str] | None = None) -> dict:
+               run_id: str, env: dict[str, str] | None = None, owner: dict | None = None) -> dict:
     labels = _labels(stage, run_id, job_name)
+    metadata: dict[str, Any] = {"name": job_name, "namespace": cfg.namespace, "labels": labels}
+    if owner:
+        # The flow-run Job owns its stage Jobs: if the flow-run pod is lost and its Job deleted (TTL,
+        # kubectl, Prefect cancel), no GPU Job outlives it.
+        metadata["ownerReferences"] = [owner]
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": job_name, "namespace": cfg.namespace, "labels": labels},
+        "metadata": metadata,
         "spec": {
             "completionMode": "Indexed",
             "completions": cfg.nodes,

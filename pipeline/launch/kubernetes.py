@@ -4,58 +4,122 @@
     exit_code = launcher.run(StageCommand("pretrain", [], {}, run_id), log=print)
 
 Exit code: 0 when the Job completes, 2 when a pod exited 2 (podFailurePolicy FailJob),
-otherwise the failing pod's exit code (an infra fault). RBAC (403) and schema (422) errors
-raise KubernetesLaunchError at once: retrying cannot fix either. Any exception while
-waiting, KeyboardInterrupt and Prefect's cancellation included, deletes the Job (foreground,
-so its pods go first) and its Service before it propagates.
+otherwise the failing pod's exit code (an infra fault).
+
+API errors are answered as the API means them. 429, 5xx and dropped connections are transient
+(an API server restarting, a rate limit): every request is retried with exponential backoff
+(Retry-After honoured), creates included, which are made idempotent by name, so one failed
+status read never deletes a running Job. RBAC (403) and schema or quota (422) errors raise
+KubernetesLaunchError at once, naming verb, resource and object: retrying cannot fix either,
+and the flow does not retry them. Any exception while waiting, KeyboardInterrupt and
+Prefect's cancellation included, deletes the Job (foreground, so its pods go first) and its
+Service before it propagates.
 """
 from __future__ import annotations
 
 import json
+import os
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError as TransportError
 
 from pipeline.launch.k8s_manifests import (
     COMPLETION_INDEX_ANNOTATION, CONTAINER_NAME, JOB_LABEL, MANAGED_BY, RUN_LABEL,
-    KubernetesLaunchConfig, label_value, new_job_name, render_job, render_service,
+    KubernetesLaunchConfig, label_value, new_job_name, owner_reference, render_job, render_service,
 )
 
 if TYPE_CHECKING:
     from pipeline.launch import StageCommand
 
 ROLE_FILE = "k8s/base/rbac.yaml"
+TRANSIENT_STATUS = {429, 500, 502, 503, 504}
+# The flow-run pod learns its own Job from the downward API (k8s/base/base-job-template.json).
+OWNER_ENVS = ("PIPELINE_OWNER_JOB_NAME", "PIPELINE_OWNER_JOB_UID")
 
 
 class KubernetesLaunchError(RuntimeError):
     """The API refused a request in a way no retry can fix (RBAC, schema, quota)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class KubernetesApiUnavailable(RuntimeError):
+    """The API kept answering 429/5xx or dropping the connection after every retry: infrastructure."""
 
 
 class LaunchCancelled(Exception):
     """cancel() was called; the Job and its pods have been deleted."""
 
 
-def _explain(err: ApiException, verb: str, resource: str, namespace: str) -> KubernetesLaunchError:
+def _explain(err: ApiException, verb: str, resource: str, namespace: str,
+             name: str | None = None) -> KubernetesLaunchError:
     try:
         body = json.loads(err.body or "{}")
     except ValueError:
         body = {}
     message = body.get("message") or err.reason
+    what = f" ({resource.split('.')[0][:-1]} {name!r})" if name else ""
     if err.status == 403:
         return KubernetesLaunchError(
-            f"forbidden: cannot {verb} {resource} in namespace {namespace!r} — check the Role in "
-            f"{ROLE_FILE} and the worker's ServiceAccount (API said: {message})")
+            f"forbidden: cannot {verb} {resource} in namespace {namespace!r}{what} — check the Role "
+            f"pipeline-flow-run in {ROLE_FILE} and that the flow-run pod uses its ServiceAccount "
+            f"(API said: {message})", err.status)
     if err.status == 422:
         fields = [c.get("field", "?") for c in body.get("details", {}).get("causes", [])]
         return KubernetesLaunchError(
-            f"invalid: the API rejected {verb} {resource} in namespace {namespace!r}; "
-            f"field(s) {', '.join(fields) or 'unknown'} (API said: {message})")
-    return KubernetesLaunchError(f"{verb} {resource} in namespace {namespace!r} failed: "
-                                 f"HTTP {err.status} {message}")
+            f"invalid: the API rejected {verb} {resource} in namespace {namespace!r}{what}; "
+            f"field(s) {', '.join(fields) or 'unknown'} (API said: {message})", err.status)
+    return KubernetesLaunchError(f"{verb} {resource} in namespace {namespace!r}{what} failed: "
+                                 f"HTTP {err.status} {message}", err.status)
+
+
+def _retry_after(err: ApiException) -> float | None:
+    try:
+        return float((err.headers or {}).get("Retry-After"))
+    except (TypeError, ValueError):
+        return None
+
+
+def call_api(verb: str, resource: str, namespace: str, fn: Callable, *args, name: str | None = None,
+             attempts: int = 6, log: Callable[[str], None] = print, on_conflict: Callable | None = None,
+             **kwargs):
+    """One API request with the retries the API's answer calls for (see the module docstring).
+
+    `on_conflict`: for a create retried after a lost answer, 409 AlreadyExists means the first try
+    went through; it returns the existing object instead of failing.
+    """
+    delay = 0.5
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn(*args, **kwargs)
+        except ApiException as err:
+            if err.status == 409 and attempt > 1 and on_conflict is not None:
+                return on_conflict()
+            if err.status not in TRANSIENT_STATUS:
+                raise _explain(err, verb, resource, namespace, name) from None
+            reason, wait = f"HTTP {err.status} {err.reason}", _retry_after(err) or delay
+        except TransportError as err:  # connection refused or reset, timeout: nothing was answered
+            reason, wait = f"{type(err).__name__}: {err}", delay
+        if attempt == attempts:
+            raise KubernetesApiUnavailable(f"{verb} {resource} in namespace {namespace!r} failed {attempts} "
+                                           f"times; last: {reason}")
+        log(f"Kubernetes API: {verb} {resource} answered {reason}; retry {attempt}/{attempts - 1} in {wait:.1f} s")
+        time.sleep(wait)
+        delay = min(delay * 2, 8.0)
+
+
+def owner_from_env() -> dict | None:
+    """ownerReference to the flow-run Job this process runs in (None outside a flow-run pod)."""
+    name, uid = (os.environ.get(key) for key in OWNER_ENVS)
+    return owner_reference("Job", name, uid) if name and uid else None
 
 
 def default_api_client() -> k8s.ApiClient:
@@ -70,29 +134,29 @@ def default_api_client() -> k8s.ApiClient:
 class KubernetesLauncher:
     """Implements pipeline.launch.Launcher for Kubernetes."""
 
-    def __init__(self, cfg: KubernetesLaunchConfig, api_client: k8s.ApiClient | None = None):
-        self.cfg = cfg
+    def __init__(self, cfg: KubernetesLaunchConfig, api_client: k8s.ApiClient | None = None,
+                 owner: dict | None = None):
+        self.cfg, self.owner = cfg, owner
         api = api_client or default_api_client()
         self.batch, self.core = k8s.BatchV1Api(api), k8s.CoreV1Api(api)
         self._cancelled = threading.Event()
         self.job_name: str | None = None
+        self.log: Callable[[str], None] = print
 
-    def _call(self, verb: str, resource: str, fn: Callable, *args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except ApiException as err:
-            if err.status in (401, 403, 404, 409, 422) or err.status >= 500:
-                raise _explain(err, verb, resource, self.cfg.namespace) from None
-            raise
+    def _call(self, verb: str, resource: str, fn: Callable, *args, name: str | None = None, **kwargs):
+        return call_api(verb, resource, self.cfg.namespace, fn, *args, name=name, attempts=self.cfg.api_attempts,
+                        log=self.log, **kwargs)
 
     def cancel(self) -> None:
         """Ask a running run() to delete its Job and return (thread-safe)."""
         self._cancelled.set()
 
     def run(self, cmd: "StageCommand", log: Callable[[str], None]) -> int:
+        self.log = log
         ns, job_name = self.cfg.namespace, new_job_name(cmd.stage, cmd.run_id)
-        job = render_job(self.cfg, job_name, cmd.stage, list(cmd.args), cmd.run_id, dict(cmd.env))
-        created = self._call("create", "jobs.batch", self.batch.create_namespaced_job, ns, job)
+        job = render_job(self.cfg, job_name, cmd.stage, list(cmd.args), cmd.run_id, dict(cmd.env), self.owner)
+        created = self._call("create", "jobs.batch", self.batch.create_namespaced_job, ns, job, name=job_name,
+                             on_conflict=lambda: self.batch.read_namespaced_job(job_name, ns))
         self.job_name = job_name
         try:
             self._create_service(job_name, cmd, created.metadata.uid)
@@ -110,8 +174,8 @@ class KubernetesLauncher:
         # Owned by the Job, so the garbage collector removes it with the Job (TTL included).
         svc["metadata"]["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job",
                                                "name": job_name, "uid": job_uid}]
-        self._call("create", "services", self.core.create_namespaced_service,
-                   self.cfg.namespace, svc)
+        self._call("create", "services", self.core.create_namespaced_service, self.cfg.namespace, svc,
+                   name=job_name, on_conflict=lambda: None)
 
     def _wait(self, job_name: str, log: Callable[[str], None]) -> int:
         streams = _LogStreams(self.core, self.cfg.namespace, Path(self.cfg.log_dir) / job_name, log)
@@ -122,7 +186,7 @@ class KubernetesLauncher:
             streams.follow(pods)
             _report_waiting(pods, waiting_seen, log)
             job = self._call("get", "jobs.batch", self.batch.read_namespaced_job,
-                             job_name, self.cfg.namespace)
+                             job_name, self.cfg.namespace, name=job_name)
             outcome = _outcome(job, pods)
             if outcome is not None:
                 streams.join()
@@ -219,11 +283,11 @@ def delete_job(batch: k8s.BatchV1Api, core: k8s.CoreV1Api, namespace: str, job_n
     body = k8s.V1DeleteOptions(propagation_policy="Foreground")
     for kind, fn in (("jobs.batch", batch.delete_namespaced_job),
                      ("services", core.delete_namespaced_service)):
-        try:
-            fn(job_name, namespace, body=body)
-        except ApiException as err:
-            if err.status != 404:  # already gone is the goal; anything else is worth a line
-                log(f"could not delete {kind} {namespace}/{job_name}: HTTP {err.status} {err.reason}")
+        try:  # deleting is idempotent, so transient errors are retried like reads
+            call_api("delete", kind, namespace, fn, job_name, namespace, body=body, name=job_name, log=log)
+        except (KubernetesLaunchError, KubernetesApiUnavailable) as err:
+            if getattr(err, "status", None) != 404:  # already gone is the goal; anything else is worth a line
+                log(f"could not delete {kind} {namespace}/{job_name}: {err}")
 
 
 def delete_jobs_for_run(run_id: str, namespace: str, api_client: k8s.ApiClient | None = None,
@@ -243,10 +307,8 @@ def _delete_where(namespace, api_client, log, wanted: Callable[[dict], bool]) ->
     api = api_client or default_api_client()
     batch, core = k8s.BatchV1Api(api), k8s.CoreV1Api(api)
     selector = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
-    try:
-        jobs = batch.list_namespaced_job(namespace, label_selector=selector).items
-    except ApiException as err:
-        raise _explain(err, "list", "jobs.batch", namespace) from None
+    jobs = call_api("list", "jobs.batch", namespace, batch.list_namespaced_job, namespace,
+                    label_selector=selector, log=log).items
     doomed = [j.metadata.name for j in jobs if wanted(j.metadata.labels or {})]
     for name in doomed:
         log(f"deleting orphaned Job {namespace}/{name}")

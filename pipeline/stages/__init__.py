@@ -14,7 +14,8 @@ def stage_runner(name: str) -> Callable:
         from pipeline.storage import check_buckets
 
         # A missing or forbidden S3 bucket is exit 2 before any compute, not after an hour of training.
-        check_buckets([cfg.data.source, *(cfg.paths.uri(n) for n in type(cfg.paths).model_fields if n != "root")])
+        stage_paths = [n for n in type(cfg.paths).model_fields if n != "root" and n not in cfg.paths.UNROOTED]
+        check_buckets([cfg.data.source, *(cfg.paths.uri(n) for n in stage_paths)])
         return run(cfg)
 
     return checked

@@ -16,6 +16,7 @@ from pipeline import storage
 from pipeline.config import apply_overrides, build_config, load_config
 from pipeline.stages import stage_runner
 from tests.conftest import PARAMS, PYTHON, REPO_ROOT, TINY, sets, subprocess_env
+from tests.prefect_fixtures import set_paths
 
 pytest_plugins = ["tests.s3_fixtures"]
 
@@ -106,8 +107,8 @@ def _project(dest: Path, overrides: list[str]) -> Path:
 
 
 def _flow(project: Path, tmp: Path, s3) -> tuple[dict, str]:
-    env = subprocess_env(PIPELINE_PROJECT=str(project), PIPELINE_REGISTRY=s3.uri("registry"),
-                         PIPELINE_DVC_REMOTE=s3.uri("dvc"), PREFECT_HOME=str(tmp / "prefect"),
+    set_paths(project, registry=s3.uri("registry"), dvc_remote=s3.uri("dvc"))
+    env = subprocess_env(PIPELINE_PROJECT=str(project), PREFECT_HOME=str(tmp / "prefect"),
                          DVC_NO_ANALYTICS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false",
                          PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")
     env.pop("PREFECT_API_URL", None)

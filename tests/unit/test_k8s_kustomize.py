@@ -72,16 +72,31 @@ def test_every_pod_is_restricted_limited_and_pinned(overlay):
             assert re.search(r":[0-9][\w.-]*$|@sha256:", c["image"]) and not c["image"].endswith(":latest"), name
 
 
-def test_worker_role_is_least_privilege():
+def _rules(role: dict) -> dict:
+    return {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+
+
+def test_worker_and_flow_runs_have_separate_least_privilege_roles():
     docs = _by_key(build("gpu"))
-    rules = {(g, r): set(rule["verbs"]) for rule in docs[("Role", "prefect-worker")]["rules"]
-             for g in rule["apiGroups"] for r in rule["resources"]}
-    assert rules == {("batch", "jobs"): {"create", "get", "list", "watch", "delete"},
-                     ("", "pods"): {"get", "list", "watch"}, ("", "pods/log"): {"get"},
-                     ("", "services"): {"create", "get", "list", "delete"}}
+    # The worker: flow-run Jobs (create; delete on cancel), and its observer's watches, logs and Events.
+    assert _rules(docs[("Role", "prefect-worker")]) == {
+        ("batch", "jobs"): {"create", "get", "list", "watch", "delete"},
+        ("", "pods"): {"get", "list", "watch"}, ("", "pods/log"): {"get"}, ("", "events"): {"create"}}
+    # Flow-run pods: exactly the launcher's calls (create/get/list/delete Jobs, list pods, logs, Services).
+    assert _rules(docs[("Role", "pipeline-flow-run")]) == {
+        ("batch", "jobs"): {"create", "get", "list", "delete"}, ("", "pods"): {"list"},
+        ("", "pods/log"): {"get"}, ("", "services"): {"create", "delete"}}
+    for role in ("prefect-worker", "pipeline-flow-run"):
+        assert not {r for _, r in _rules(docs[("Role", role)])} & {"secrets", "configmaps", "pods/exec"}, role
+        binding = docs[("RoleBinding", role)]
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": role, "namespace": "ml-pipeline"}]
+        assert ("ServiceAccount", role) in docs
     assert not any(d["kind"].startswith("Cluster") for d in build("gpu"))
-    binding = docs[("RoleBinding", "prefect-worker")]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "prefect-worker", "namespace": "ml-pipeline"}]
+    worker = docs[("Deployment", "prefect-worker")]["spec"]["template"]["spec"]
+    assert worker["serviceAccountName"] == "prefect-worker"
+    env = {e["name"]: e for e in worker["containers"][0]["env"]}
+    assert env["PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_NAMESPACES"]["valueFrom"]["fieldRef"]["fieldPath"] \
+        == "metadata.namespace"
 
 
 @pytest.mark.parametrize("overlay, gpus", [("dev", 0), ("gpu", 8)])
@@ -97,28 +112,67 @@ def test_overlay_launch_settings_render_valid_training_jobs(overlay, gpus):
     assert bool(pod.get("tolerations")) == bool(gpus)
 
 
-def test_base_job_template_renders_a_valid_flow_run_job():
-    """Fill the Prefect template's placeholders with its defaults, as the worker does."""
-    template = json.loads(_by_key(build("gpu"))[("ConfigMap", "prefect-base-job-template")]
-                          ["data"]["base-job-template.json"])
-    defaults = {k: v.get("default") for k, v in template["variables"]["properties"].items()}
-    values = {**defaults, "command": ["prefect", "flow-run", "execute"], "labels": {"app": "flow"},
-              "name": "pipeline-flow"}
+def _flow_run_job(template: dict, values: dict | None = None) -> dict:
+    """The Job the real Prefect Kubernetes worker would submit for a flow run (its own code)."""
+    from uuid import uuid4
 
-    def fill(node):
-        if isinstance(node, dict):
-            return {k: fill(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [fill(v) for v in node]
-        match = re.fullmatch(r"\{\{ (\w+) \}\}", node) if isinstance(node, str) else None
-        return values[match[1]] if match else (node.replace("{{ name }}", values["name"]) if isinstance(node, str) else node)
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.utilities.asyncutils import run_coro_as_sync
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
-    job = fill(template["job_configuration"]["job_manifest"])
-    kubernetes_validate.validate(job, K8S_SCHEMA_VERSION, strict=True)
+    config = run_coro_as_sync(KubernetesWorkerJobConfiguration.from_template_and_values(template, values or {}))
+    config.prepare_for_flow_run(FlowRun(id=uuid4(), name="calm-otter", flow_id=uuid4()))
+    return config.job_manifest
+
+
+def test_base_job_template_is_accepted_and_rendered_by_prefect_kubernetes():
+    docs = _by_key(build("gpu"))
+    template = json.loads(docs[("ConfigMap", "prefect-base-job-template")]["data"]["base-job-template.json"])
+    job = _flow_run_job(template)
+    # prefect-kubernetes insists on parallelism/completions inside the *pod* spec, which PodSpec lacks:
+    # the API server (default fieldValidation=Warn) drops exactly these with a warning. Nothing else
+    # may be unknown, so the rest is checked strictly.
     pod = job["spec"]["template"]["spec"]
-    assert pod["serviceAccountName"] == "prefect-worker"
-    env = {e["name"] for e in pod["containers"][0]["env"]}
-    assert {"PIPELINE_K8S_CONFIG", "PIPELINE_K8S_OVERRIDES"} <= env
+    assert (pod.pop("parallelism"), pod.pop("completions")) == (1, 1)
+    kubernetes_validate.validate(job, K8S_SCHEMA_VERSION, strict=True)
+    container = pod["containers"][0]
+    assert "command" not in container and container["args"] == ["prefect", "flow-run", "execute"]
+    assert pod["serviceAccountName"] == "pipeline-flow-run" and ("ServiceAccount", "pipeline-flow-run") in docs
+    assert container["envFrom"] == [{"secretRef": {"name": "s3-credentials", "optional": True}}]
+    env = {e["name"]: e for e in container["env"]}
+    assert {"PIPELINE_K8S_CONFIG", "PIPELINE_K8S_OVERRIDES", "PREFECT__FLOW_RUN_ID"} <= set(env)
+    # The flow-run pod learns its own Job (the stage Jobs' owner) from labels the Job controller sets.
+    assert env["PIPELINE_OWNER_JOB_UID"]["valueFrom"]["fieldRef"]["fieldPath"] \
+        == "metadata.labels['batch.kubernetes.io/controller-uid']"
+
+
+def test_work_pool_variables_reach_the_flow_run_job():
+    template = json.loads((K8S / "base" / "base-job-template.json").read_text())
+    job = _flow_run_job(template, {"image": "registry.example/pipeline@sha256:" + "a" * 64, "env_from": [],
+                                   "service_account_name": "irsa-flow-run", "namespace": "team-a"})
+    pod = job["spec"]["template"]["spec"]
+    assert pod["containers"][0]["image"].endswith("a" * 64) and pod["containers"][0]["envFrom"] == []
+    assert pod["serviceAccountName"] == "irsa-flow-run" and job["metadata"]["namespace"] == "team-a"
+
+
+def test_deploy_check_rejects_what_the_worker_or_launcher_would(tmp_path, capsys):
+    from flows.deploy import main
+
+    bad = json.loads((K8S / "base" / "base-job-template.json").read_text())
+    del bad["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["completions"]
+    (tmp_path / "template.json").write_text(json.dumps(bad))
+    (tmp_path / "overlay").mkdir()
+    (tmp_path / "overlay" / "launch.json").write_text(json.dumps({"gpus_per_node": "eight", "nodez": 2}))
+    code = main(["--check", "--image", "registry.example/pipeline:latest", "--storage", "s3://bucket/p",
+                 "--overlay", str(tmp_path / "overlay"), "--base-job-template", str(tmp_path / "template.json")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "template.json" in err and "/spec/template/spec/completions" in err
+    assert "launch.json: gpus_per_node" in err and "launch.json: nodez: Extra inputs" in err
+    assert "--image" in err and "pinned" in err
+    ok = main(["--check", "--image", "registry.example/pipeline:0.1.0", "--storage", "s3://bucket/p",
+               "--overlay", str(K8S / "overlays" / "gpu")])
+    assert ok == 0
 
 
 def test_secret_template_carries_no_values_and_is_not_applied():
