@@ -94,6 +94,14 @@ class FlowEnv:
     registry: Path
     remote: Path
 
+    @classmethod
+    def in_folder(cls, tmp: Path) -> "FlowEnv":
+        """A project copy whose params.yaml puts runs, registry and DVC remote under `tmp`."""
+        env = cls(tmp=tmp, project=copy_project(tmp / "project"), runs=tmp / "runs", registry=tmp / "registry",
+                  remote=tmp / "dvc-remote")
+        set_paths(env.project, runs=env.runs, registry=env.registry, dvc_remote=env.remote)
+        return env
+
     def run_dirs(self) -> list[Path]:
         if not self.runs.exists():
             return []
@@ -131,9 +139,7 @@ def prefect_harness():
 @pytest.fixture
 def flow_env(tmp_path: Path, monkeypatch, prefect_harness) -> FlowEnv:
     """A private project copy whose params.yaml puts runs, registry and DVC remote in tmp folders."""
-    env = FlowEnv(tmp=tmp_path, project=copy_project(tmp_path / "project"), runs=tmp_path / "runs",
-                  registry=tmp_path / "registry", remote=tmp_path / "dvc-remote")
-    set_paths(env.project, runs=env.runs, registry=env.registry, dvc_remote=env.remote)
+    env = FlowEnv.in_folder(tmp_path)
     monkeypatch.setenv("PIPELINE_PROJECT", str(env.project))
     # dvc.yaml's `cmd: python -m pipeline ...` and the stage launcher must find this venv's python.
     monkeypatch.setenv("PATH", os.pathsep.join([VENV_BIN, os.environ.get("PATH", "")]))

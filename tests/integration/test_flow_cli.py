@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 
 pytest.register_assert_rewrite("tests.prefect_fixtures")
-from tests.prefect_fixtures import STAGES, TINY, VENV_BIN, FlowEnv, copy_project  # noqa: E402
+from tests.prefect_fixtures import STAGES, TINY, VENV_BIN, FlowEnv  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
 def _flow_env(tmp: Path) -> FlowEnv:
-    return FlowEnv(tmp=tmp, project=copy_project(tmp / "project"), runs=tmp / "runs",
-                   registry=tmp / "registry", remote=tmp / "dvc-remote")
+    return FlowEnv.in_folder(tmp)
 
 
 def _pipeline_run(env: FlowEnv, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -20,7 +20,7 @@ import yaml
 pytest.register_assert_rewrite("tests.prefect_fixtures", "tests.integration.browser")
 from tests.integration.browser import chromium_path, dump_dom, screenshot  # noqa: E402
 from tests.prefect_fixtures import (  # noqa: E402
-    PYTHON, REPO_ROOT, TINY, FlowEnv, artifacts_of, copy_project, free_port, start_prefect_server, stop,
+    PYTHON, REPO_ROOT, TINY, FlowEnv, artifacts_of, free_port, start_prefect_server, stop,
 )
 
 pytestmark = pytest.mark.slow
@@ -40,8 +40,7 @@ RUN_PARAMETERS = {  # what a user would type into the Run form: none of these ar
 def served(tmp_path_factory):
     """(api url, ui url, FlowEnv): a real server plus the served deployments, torn down afterwards."""
     tmp = tmp_path_factory.mktemp("prefect-ui")
-    env = FlowEnv(tmp=tmp, project=copy_project(tmp / "project"), runs=tmp / "runs",
-                  registry=tmp / "registry", remote=tmp / "dvc-remote")
+    env = FlowEnv.in_folder(tmp)
     port = free_port()
     ui, api = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api"
     server = start_prefect_server(tmp / "prefect-home", port, tmp / "server.log")

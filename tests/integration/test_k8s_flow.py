@@ -1,8 +1,9 @@
 """The `train` flow with launcher=kubernetes, through the wire-level Kubernetes API stand-in.
 
 Pretrain and finetune run as 2-node x 1-device CPU DDP indexed Jobs (gloo); the pods are
-local processes that find rank 0 through MASTER_ADDR (the stand-in maps the pod DNS name
-to 127.0.0.1). Artifacts live under a shared absolute `paths.root`, as they would on S3.
+local processes that find rank 0 through MASTER_ADDR (the stand-in resolves the pod DNS name
+through the headless Service). Artifacts and the registry are on S3 (moto on 127.0.0.1); the
+pods get the S3 keys only from the Secret, as on a cluster.
 """
 from __future__ import annotations
 
@@ -14,17 +15,27 @@ from flows.parameters import TrainingParameters
 from tests.k8s_standin import k8s_standin  # noqa: F401 - fixture
 from tests.prefect_fixtures import TINY, logs_of
 
-pytest_plugins = ["tests.prefect_fixtures"]
+pytest_plugins = ["tests.prefect_fixtures", "tests.s3_fixtures"]
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def standin_cluster(k8s_standin, flow_env, monkeypatch, tmp_path):  # noqa: F811
+def standin_cluster(k8s_standin, flow_env, s3, monkeypatch, tmp_path):  # noqa: F811
     import pipeline.launch.kubernetes as kubernetes
+    from kubernetes import client as k8s
+
+    from tests.s3_fixtures import AWS_ENV
 
     monkeypatch.setattr(kubernetes, "default_api_client", k8s_standin.api_client)
-    monkeypatch.setenv("PIPELINE_K8S_CONFIG", json.dumps({"log_dir": str(tmp_path / "pod-logs"), "poll_seconds": 0.5}))
+    monkeypatch.setenv("PIPELINE_K8S_CONFIG", json.dumps({"namespace": "ml-pipeline", "log_dir": str(tmp_path / "pod-logs"),
+                                                          "poll_seconds": 0.5}))
+    k8s.CoreV1Api(k8s_standin.api_client()).create_namespaced_secret("ml-pipeline", k8s.V1Secret(
+        metadata=k8s.V1ObjectMeta(name="s3-credentials"), string_data={**AWS_ENV, "AWS_ENDPOINT_URL": s3.endpoint}))
     return k8s_standin
+
+
+def _on_s3(s3) -> list[str]:
+    return [f"paths.root={s3.uri('artifacts')}", f"paths.registry={s3.uri('registry')}"]
 
 
 def _create_orphan_job(standin, tmp_path) -> str:
@@ -36,23 +47,27 @@ def _create_orphan_job(standin, tmp_path) -> str:
     cfg = KubernetesLaunchConfig.from_env()
     orphan_run = "00000000-dead-4000-8000-000000000000"
     name = new_job_name("prepare", orphan_run)
-    job = render_job(cfg, name, "prepare", ["--set", f"paths.root={tmp_path / 'orphan'}"], orphan_run, {})
+    job = render_job(cfg, name, "prepare", ["--help"], orphan_run, {})
     k8s.BatchV1Api(standin.api_client()).create_namespaced_job(cfg.namespace, job)
     return name
 
 
-def test_two_node_ddp_stages_through_kubernetes(standin_cluster, flow_env, tmp_path):
+def test_two_node_ddp_stages_through_kubernetes(standin_cluster, flow_env, s3, tmp_path):
     from flows.training import train
 
     orphan = _create_orphan_job(standin_cluster, tmp_path)
+    # A transient API error while a stage runs: retried, and the running Job is not deleted for it.
+    standin_cluster.fail_next("get", "jobs", 503)
     params = TrainingParameters(launcher="kubernetes", num_nodes=2, devices=1, accelerator="cpu",
-                                extra_overrides=[*TINY, f"paths.root={tmp_path / 'artifacts'}"])
+                                extra_overrides=[*TINY, *_on_s3(s3)])
     state = train(params, return_state=True)
     assert state.is_completed(), state
     result = state.result()
     assert result["stages"] == {s: "ran" for s in ("prepare", "pretrain", "finetune", "evaluate")}
-    summary = json.loads((tmp_path / "artifacts" / "models" / "pretrain" / "summary.json").read_text())
+    summary = json.loads(s3.fs().cat(f"{s3.bucket}/artifacts/models/pretrain/summary.json"))
     assert summary["world_size"] == 2
+    assert [r[3] for r in standin_cluster.requests("delete", "jobs")] == [orphan]
+    assert s3.fs().exists(f"{s3.bucket}/registry/champion.json")
 
     # One indexed Job per stage; the training ones had two pods (completion indexes 0 and 1).
     remaining = standin_cluster.jobs()
@@ -67,12 +82,41 @@ def test_two_node_ddp_stages_through_kubernetes(standin_cluster, flow_env, tmp_p
     assert (tmp_path / "pod-logs").exists() and any((tmp_path / "pod-logs").rglob("rank-1.log"))
 
 
-def test_kubernetes_launcher_refuses_workspace_local_artifacts(standin_cluster, flow_env):
+def test_kubernetes_launcher_refuses_pod_local_artifacts_and_registry(standin_cluster, flow_env):
     from flows.training import train
     from pipeline.errors import ConfigError
 
     state = train(TrainingParameters(launcher="kubernetes", extra_overrides=list(TINY)), return_state=True)
     assert state.is_failed()
-    with pytest.raises(ConfigError, match="paths.root"):
+    with pytest.raises(ConfigError, match="paths.root") as caught:
         state.result()
+    assert "paths.registry" in str(caught.value)  # both named at once
     assert standin_cluster.jobs() == []  # refused before any Job was created
+
+
+def test_missing_s3_credentials_fail_before_any_job_naming_the_secret(standin_cluster, flow_env, s3, monkeypatch):
+    from flows.training import train
+    from pipeline import s3 as s3_settings
+    from pipeline.errors import DataError
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)  # a flow-run pod whose Secret does not exist
+    s3_settings.reset()
+    state = train(TrainingParameters(launcher="kubernetes", extra_overrides=[*TINY, *_on_s3(s3)]), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(DataError, match="no AWS credentials") as caught:
+        state.result()
+    assert "Secret 's3-credentials'" in str(caught.value)
+    assert standin_cluster.jobs() == []
+
+
+def test_forbidden_fails_the_flow_at_once_without_task_retries(standin_cluster, flow_env, s3):
+    from flows.training import train
+    from pipeline.launch.kubernetes import KubernetesLaunchError
+
+    standin_cluster.fail_next("create", "jobs", 403)
+    state = train(TrainingParameters(launcher="kubernetes", extra_overrides=[*TINY, *_on_s3(s3)]), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(KubernetesLaunchError, match="cannot create jobs.batch in namespace 'ml-pipeline'"):
+        state.result()
+    assert len(standin_cluster.requests("create", "jobs")) == 1  # the task's retries did not repeat it

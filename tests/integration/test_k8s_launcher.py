@@ -154,19 +154,40 @@ def test_unprocessable_names_the_field(k8s_standin, tmp_path):
         launcher.run(_cmd("ok"), Lines())
 
 
+def _post_job(host: str, job: dict, query: str = ""):
+    # Raw HTTP: the client's own models would refuse to send unknown fields, a kubectl apply would not.
+    request = urllib.request.Request(f"{host}/apis/batch/v1/namespaces/ml/jobs{query}", method="POST",
+                                     data=json.dumps(job).encode(), headers={"Content-Type": "application/json"})
+    return urllib.request.urlopen(request, timeout=30)
+
+
 def test_standin_rejects_objects_that_fail_the_strict_schema(k8s_standin, tmp_path):
     job = render_job(_cfg(tmp_path), "bad-job", "pretrain", [], "run-1")
     job["spec"]["template"]["spec"]["containers"][0]["gpus"] = 8  # not a Container field
-    # Raw HTTP: the client's own models would refuse to send this, a kubectl apply would not.
-    request = urllib.request.Request(f"{k8s_standin.host}/apis/batch/v1/namespaces/ml/jobs", method="POST",
-                                     data=json.dumps(job).encode(), headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as caught:
-        urllib.request.urlopen(request, timeout=30)
-    assert caught.value.code == 422
-    causes = json.loads(caught.value.read())["details"]["causes"]
-    assert causes[0]["field"] == "spec.template.spec.containers.0"
-    assert "gpus" in causes[0]["message"]
+        _post_job(k8s_standin.host, job, "?fieldValidation=Strict")  # what kubectl sends by default
+    # The real server cannot decode it strictly: 400 BadRequest (422 is for validation errors).
+    assert caught.value.code == 400
+    status = json.loads(caught.value.read())
+    assert status["reason"] == "BadRequest"
+    assert 'strict decoding error: unknown field "spec.template.spec.containers[0].gpus"' in status["message"]
     assert k8s_standin.jobs() == []
+
+
+def test_standin_drops_unknown_fields_with_a_warning_by_default(k8s_standin, tmp_path):
+    """No fieldValidation (the Python client, prefect-kubernetes' worker): dropped, with a Warning header.
+    The worker's Job manifests must carry parallelism/completions on the pod spec, where they are unknown."""
+    job = render_job(_cfg(tmp_path), "lenient-job", "pretrain", [], "run-1", {"FAKE_MODE": "ok"})
+    job["spec"]["template"]["spec"].update(parallelism=1, completions=1)
+    with _post_job(k8s_standin.host, job) as response:
+        assert response.status == 201
+        warnings = response.headers.get_all("Warning")
+        created = json.loads(response.read())
+    assert sorted(warnings) == ['299 - "unknown field \\"spec.template.spec.completions\\""',
+                        '299 - "unknown field \\"spec.template.spec.parallelism\\""']
+    assert not {"parallelism", "completions"} & set(created["spec"]["template"]["spec"])
+    (stored,) = k8s_standin.jobs()
+    assert not {"parallelism", "completions"} & set(stored["spec"]["template"]["spec"])
 
 
 def test_cleanup_finds_jobs_of_dead_and_cancelled_flow_runs(k8s_standin, tmp_path):

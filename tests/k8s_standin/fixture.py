@@ -1,8 +1,9 @@
 """`k8s_standin` pytest fixture: a running stand-in API server plus fault-injection handles.
 
 Use it from a conftest.py or test module with `from tests.k8s_standin import k8s_standin`.
-Pods run with the repository root as working directory, so `python -m pipeline ...` runs
-this checkout's code with this interpreter.
+Pods run the image described by the repository's Dockerfile, with the repository root as
+its WORKDIR and this interpreter's venv as the image's, so `python -m pipeline ...` runs
+this checkout's code.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from kubernetes import client as k8s
 
 from tests.k8s_standin.cluster import Cluster
+from tests.k8s_standin.kubelet import kubeconfig
 from tests.k8s_standin.server import StandInServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +24,7 @@ class StandIn:
     def __init__(self, workdir: Path, logdir: Path, **cluster_options):
         self.cluster = Cluster(workdir, logdir, **cluster_options)
         self.server = StandInServer(self.cluster)
-        self.host = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.host = f"http://{self.server.host}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True, name="standin-http")
         self._thread.start()
 
@@ -31,6 +33,12 @@ class StandIn:
         conf = k8s.Configuration(host=self.host)
         conf.retries = False  # a retry would hide the 'exactly one request' behaviour under test
         return k8s.ApiClient(conf)
+
+    def write_kubeconfig(self, path: Path, namespace: str | None = None) -> Path:
+        """A kubeconfig for kubectl or `kubernetes.config.load_kube_config` (plain HTTP, no credentials)."""
+        path = Path(path)
+        path.write_text(kubeconfig(self.host, namespace))
+        return path
 
     def evict(self, pod_name: str) -> None:
         self.cluster.evict(pod_name)
@@ -47,6 +55,11 @@ class StandIn:
         with self.server.lock:
             return [r for r in self.server.requests if verb in (None, r[0]) and resource in (None, r[1])]
 
+    def objects(self, resource: str, namespace: str | None = None) -> list[dict]:
+        """Stored objects of one resource (plural: "services", "configmaps"...), as the API would list them."""
+        with self.cluster.lock:
+            return self.cluster.store.items(resource, namespace)
+
     def pods(self) -> list[dict]:
         with self.cluster.lock:
             return [p.obj for p in self.cluster.pods.values()]
@@ -56,8 +69,7 @@ class StandIn:
             return [s.obj for s in self.cluster.jobs.values()]
 
     def services(self) -> list[dict]:
-        with self.cluster.lock:
-            return list(self.cluster.services.values())
+        return self.objects("services")
 
     def processes(self) -> list:
         """Every process the stand-in ever started (dead ones too), to prove none survive."""
@@ -65,6 +77,7 @@ class StandIn:
             return list(self.cluster.processes)
 
     def close(self) -> None:
+        self.server.stopping.set()
         self.server.shutdown()
         self.server.server_close()
         self.cluster.shutdown()

@@ -1,0 +1,275 @@
+"""The real kubectl against the API stand-in: apply the dev overlay, run, inspect and delete Jobs.
+
+Each test drives kubectl 1.32 through a kubeconfig for the stand-in and asserts on its exit
+code and output, so discovery, server-side printing, field validation, logs, watches (the
+`--wait` of delete, `kubectl wait`) and garbage collection are all exercised the way an
+operator would meet them (docs/kubernetes.md).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes import client as k8s
+
+from pipeline.launch.k8s_manifests import KubernetesLaunchConfig, render_job, render_service
+from tests.integration.test_k8s_launcher import FAKE, _wait_for
+from tests.k8s_standin import StandIn, k8s_standin  # noqa: F401  (pytest fixture)
+from tests.k8s_standin.fixture import REPO_ROOT
+
+KUBECTL = shutil.which("kubectl")
+NS = "ml-pipeline"
+pytestmark = pytest.mark.skipif(not KUBECTL, reason="needs kubectl")
+
+
+def _kubectl_runner(kubeconfig: Path, home: Path):
+    env = {"KUBECONFIG": str(kubeconfig), "HOME": str(home), "PATH": os.environ.get("PATH", "")}
+
+    def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([KUBECTL, *args], capture_output=True, text=True, env=env, timeout=timeout)
+    return run
+
+
+@pytest.fixture
+def kubectl(k8s_standin, tmp_path):  # noqa: F811
+    # HOME: kubectl caches discovery under ~/.kube; each test gets its own.
+    return _kubectl_runner(k8s_standin.write_kubeconfig(tmp_path / "kubeconfig"), tmp_path / "home")
+
+
+def _plain_job(name: str, command: list[str], env: dict | None = None, **spec) -> dict:
+    container = {"name": "main", "image": "registry.example/pipeline:test", "command": command,
+                 "env": [{"name": k, "value": v} for k, v in (env or {}).items()]}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "namespace": NS},
+            "spec": {"backoffLimit": 0, **spec,
+                     "template": {"spec": {"restartPolicy": "Never", "containers": [container]}}}}
+
+
+def _stage_job(name: str, mode: str, nodes: int = 2) -> tuple[dict, dict]:
+    cfg = KubernetesLaunchConfig(namespace=NS, image="registry.example/pipeline:test", command=FAKE, nodes=nodes,
+                                 termination_grace_seconds=3)
+    job = render_job(cfg, name, "pretrain", [], "run-1", {"FAKE_MODE": mode})
+    return job, render_service(cfg, name, "pretrain", "run-1")
+
+
+def _owned_by(obj: dict, owner) -> dict:
+    obj["metadata"]["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": owner.metadata.name,
+                                           "uid": owner.metadata.uid}]
+    return obj
+
+
+def _running(standin, job: str, count: int) -> list[dict]:
+    return _wait_for(lambda: (lambda pods: pods if len(pods) == count else None)(
+        [p for p in standin.pods() if p["metadata"]["labels"].get("job-name") == job
+         and p["status"]["phase"] == "Running"]), f"{count} running pod(s) of {job}")
+
+
+def test_apply_dev_overlay_twice(kubectl):
+    overlay = str(REPO_ROOT / "k8s" / "overlays" / "dev")
+    docs = [d for d in yaml.safe_load_all(kubectl("kustomize", overlay).stdout) if d]
+    first = kubectl("apply", "-k", overlay)
+    assert first.returncode == 0, first.stderr
+    for doc in docs:  # kubectl prints <kind>.<group>/<name>, as discovery named them
+        group = doc["apiVersion"].rpartition("/")[0]
+        assert f"{doc['kind'].lower()}{'.' + group if group else ''}/{doc['metadata']['name']} created" in first.stdout
+    second = kubectl("apply", "-k", overlay)  # GET + three-way diff: nothing to patch
+    assert second.returncode == 0, second.stderr
+    assert "created" not in second.stdout and second.stdout.count("unchanged") == len(docs)
+    got = kubectl("get", "jobs,pods", "-n", NS)
+    assert got.returncode == 0 and "No resources found in ml-pipeline namespace." in got.stderr
+    launch = kubectl("get", "configmap", "training-launch", "-n", NS, "-o", "jsonpath={.data.overlay\\.json}")
+    assert json.loads(launch.stdout) == json.loads((REPO_ROOT / "k8s/overlays/dev/launch.json").read_text())
+
+
+def test_job_pods_logs_and_delete(k8s_standin, kubectl):  # noqa: F811
+    api = k8s_standin.api_client()
+    job, svc = _stage_job("demo", "sleep:600")
+    created = k8s.BatchV1Api(api).create_namespaced_job(NS, job)
+    k8s.CoreV1Api(api).create_namespaced_service(NS, _owned_by(svc, created))
+    pods = sorted(p["metadata"]["name"] for p in _running(k8s_standin, "demo", 2))
+
+    got = kubectl("get", "jobs,pods", "-n", NS)
+    assert got.returncode == 0, got.stderr
+    assert "job.batch/demo" in got.stdout and "0/2" in got.stdout
+    for pod in pods:
+        assert any(line.startswith(f"pod/{pod}") and "Running" in line for line in got.stdout.splitlines())
+    logs = _wait_for(lambda: (lambda r: r if r.returncode or "argv=" in r.stdout else None)(
+        kubectl("logs", pods[0], "-n", NS)), "the pod's first line")
+    assert logs.returncode == 0, logs.stderr
+    assert "argv=['pretrain'" in logs.stdout and "'NODE_RANK': '0'" in logs.stdout
+    assert "'MASTER_ADDR': '127.0.0.1'" in logs.stdout  # demo-0.demo.ml-pipeline.svc... resolved via the Service
+
+    deleted = kubectl("delete", "job", "demo", "-n", NS)
+    assert deleted.returncode == 0 and 'job.batch "demo" deleted' in deleted.stdout
+    _wait_for(lambda: "No resources found" in kubectl("get", "jobs,pods,services", "-n", NS).stderr,
+              "the Job's pods and owned Service to go")
+    assert all(p.poll() is not None for p in k8s_standin.processes())
+
+
+def test_foreground_delete_waits_for_pods_through_a_watch(k8s_standin, kubectl):  # noqa: F811
+    slow_exit = ["sh", "-c", "trap 'sleep 1; exit 143' TERM; while true; do sleep 0.1; done"]
+    k8s.BatchV1Api(k8s_standin.api_client()).create_namespaced_job(NS, _plain_job("slow", slow_exit))
+    _running(k8s_standin, "slow", 1)
+    started = time.monotonic()
+    deleted = kubectl("delete", "job", "slow", "-n", NS, "--cascade=foreground", "--timeout=30s")
+    assert deleted.returncode == 0, deleted.stderr
+    assert time.monotonic() - started >= 1  # the Job was visible until its pod had exited
+    assert k8s_standin.jobs() == [] and k8s_standin.pods() == []
+
+
+def test_kubectl_wait_sees_parallelism_honoured(k8s_standin, kubectl, tmp_path):  # noqa: F811
+    batch = k8s.BatchV1Api(k8s_standin.api_client())
+    batch.create_namespaced_job(NS, _plain_job("serial", ["sh", "-c", "sleep 0.3"], completions=3))  # parallelism 1
+    batch.create_namespaced_job(NS, _plain_job("pairs", ["sh", "-c", "sleep 0.3"], completions=4, parallelism=2,
+                                               completionMode="Indexed"))
+    most = {"serial": 0, "pairs": 0}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(j["status"].get("completionTime") for j in k8s_standin.jobs()):
+        for job in most:
+            active = [p for p in k8s_standin.pods() if p["metadata"]["labels"]["job-name"] == job
+                      and p["status"]["phase"] in ("Pending", "Running")]
+            most[job] = max(most[job], len(active))
+        time.sleep(0.02)
+    waited = kubectl("wait", "--for=condition=complete", "job/serial", "job/pairs", "-n", NS, "--timeout=30s")
+    assert waited.returncode == 0, waited.stderr
+    assert "job.batch/serial condition met" in waited.stdout and "job.batch/pairs condition met" in waited.stdout
+    assert most == {"serial": 1, "pairs": 2}
+    got = kubectl("get", "job", "serial", "pairs", "-n", NS, "-o", "jsonpath={.items[*].status.succeeded}")
+    assert got.stdout.split() == ["3", "4"]
+
+
+def test_deleting_the_flow_run_job_collects_its_stage_job_pods_and_service(k8s_standin, kubectl):  # noqa: F811
+    api = k8s_standin.api_client()
+    batch, core = k8s.BatchV1Api(api), k8s.CoreV1Api(api)
+    flow_run = batch.create_namespaced_job(NS, _plain_job("flow-run", ["sh", "-c", "sleep 600"]))
+    stage_job, stage_svc = _stage_job("stage", "sleep:600")
+    stage = batch.create_namespaced_job(NS, _owned_by(stage_job, flow_run))  # no blockOwnerDeletion, as the launcher
+    core.create_namespaced_service(NS, _owned_by(stage_svc, stage))
+    orphan = {"metadata": {"name": "dangling", "ownerReferences": [
+        {"apiVersion": "batch/v1", "kind": "Job", "name": "gone", "uid": "00000000-0000-4000-8000-000000000000"}]}}
+    core.create_namespaced_config_map(NS, orphan)
+    _running(k8s_standin, "flow-run", 1), _running(k8s_standin, "stage", 2)
+    assert "No resources found" in kubectl("get", "configmaps", "-n", NS).stderr  # an absent owner: collected
+
+    deleted = kubectl("delete", "job", "flow-run", "-n", NS)  # kubectl's default: Background propagation
+    assert deleted.returncode == 0, deleted.stderr
+    _wait_for(lambda: "No resources found" in kubectl("get", "jobs,pods,services", "-n", NS).stderr,
+              "the stage Job, its pods and its Service to be collected")
+    assert all(p.poll() is not None for p in k8s_standin.processes())
+
+
+def test_orphan_cascade_leaves_dependents(k8s_standin, kubectl):  # noqa: F811
+    batch = k8s.BatchV1Api(k8s_standin.api_client())
+    owner = batch.create_namespaced_job(NS, _plain_job("owner", ["sh", "-c", "sleep 600"]))
+    batch.create_namespaced_job(NS, _owned_by(_plain_job("kept", ["sh", "-c", "sleep 600"]), owner))
+    _running(k8s_standin, "kept", 1)
+    assert kubectl("delete", "job", "owner", "-n", NS, "--cascade=orphan").returncode == 0
+    time.sleep(0.5)  # the garbage collector had its chance
+    got = kubectl("get", "jobs", "-n", NS, "-o", "name")
+    assert got.stdout.split() == ["job.batch/kept"]
+
+
+def test_pods_see_only_their_manifests_env(k8s_standin, kubectl, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("HOST_ONLY_VARIABLE", "must-not-leak")
+    assert kubectl("create", "configmap", "settings", "-n", NS, "--from-literal=LEVEL=debug").returncode == 0
+    assert kubectl("create", "secret", "generic", "creds", "-n", NS, "--from-literal=TOKEN=s3cr3t").returncode == 0
+    dump = ["python", "-c", "import json, os; print(json.dumps(dict(os.environ)))"]
+    job = _plain_job("env", dump, {"GREETING": "hi $(LEVEL)"}, completions=1, completionMode="Indexed")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    container["envFrom"] = [{"configMapRef": {"name": "settings"}}, {"secretRef": {"name": "creds"}, "prefix": "S_"}]
+    no_token = _plain_job("no-token", dump)
+    no_token["spec"]["template"]["spec"]["automountServiceAccountToken"] = False
+    batch = k8s.BatchV1Api(k8s_standin.api_client())
+    for manifest in (job, no_token):
+        batch.create_namespaced_job(NS, manifest)
+    _wait_for(lambda: all(j.get("status", {}).get("succeeded") for j in k8s_standin.jobs()), "both Jobs to complete")
+
+    env = json.loads(kubectl("logs", "job/env", "-n", NS).stdout)
+    assert "HOST_ONLY_VARIABLE" not in env and not any(k.startswith(("PYTEST_", "KUBERNETES_")) for k in env)
+    assert (env["LEVEL"], env["S_TOKEN"], env["GREETING"]) == ("debug", "s3cr3t", "hi debug")
+    assert (env["HOSTNAME"], env["JOB_COMPLETION_INDEX"]) == ("env-0", "0")
+    assert env["PATH"].split(":")[0] == str(Path(sys.executable).parent)  # the image's /opt/venv/bin
+    assert env["HOME"].endswith("/tmp") and "/pods/env-0-" in env["HOME"]  # HOME=/tmp: a per-pod folder
+    assert kubectl("--kubeconfig", env["KUBECONFIG"], "get", "jobs", "-o", "name").stdout.split() == [
+        "job.batch/env", "job.batch/no-token"]  # the pod's stand-in for a ServiceAccount token works
+    other = json.loads(kubectl("logs", "job/no-token", "-n", NS).stdout)
+    assert "KUBECONFIG" not in other and "JOB_COMPLETION_INDEX" not in other
+    assert other["HOSTNAME"].startswith("no-token-")  # a NonIndexed pod's hostname is its name
+    assert other["HOME"] != env["HOME"]
+
+
+def test_missing_secret_blocks_the_container_until_it_exists(k8s_standin, kubectl):  # noqa: F811
+    job = _plain_job("needs-secret", ["sh", "-c", "echo token=$TOKEN"])
+    job["spec"]["template"]["spec"]["containers"][0]["env"] = [
+        {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "late", "key": "TOKEN"}}}]
+    k8s.BatchV1Api(k8s_standin.api_client()).create_namespaced_job(NS, job)
+    _wait_for(lambda: "CreateContainerConfigError" in kubectl("get", "pods", "-n", NS).stdout, "the config error")
+    assert kubectl("create", "secret", "generic", "late", "-n", NS, "--from-literal=TOKEN=t").returncode == 0
+    assert kubectl("wait", "--for=condition=complete", "job/needs-secret", "-n", NS, "--timeout=30s").returncode == 0
+    assert kubectl("logs", "job/needs-secret", "-n", NS).stdout.strip() == "token=t"
+
+
+def test_master_addr_resolves_only_through_a_matching_headless_service(tmp_path):
+    standin = StandIn(REPO_ROOT, tmp_path / "logs", secrets={"s3-credentials": {}}, dns_wait=1.0)
+    try:
+        api = standin.api_client()
+        job, svc = _stage_job("rdv", "ok", nodes=1)
+        k8s.BatchV1Api(api).create_namespaced_job(NS, job)
+        time.sleep(0.5)
+        (pod,) = standin.pods()
+        assert pod["status"]["containerStatuses"][0]["state"]["waiting"]["reason"] == "ContainerCreating"
+        svc["spec"]["selector"] = {"app": "someone-else"}  # exists, but selects no pod of the Job
+        k8s.CoreV1Api(api).create_namespaced_service(NS, svc)
+        _wait_for(lambda: all(p["status"]["phase"] == "Succeeded" for p in standin.pods()), "the pod to run")
+        log = (tmp_path / "logs" / f"{pod['metadata']['name']}.log").read_text()
+        assert "'MASTER_ADDR': 'rdv-0.rdv.ml-pipeline.svc.cluster.local'" in log  # left for DNS to fail on
+    finally:
+        standin.close()
+
+
+def test_bad_bodies_get_a_status_not_a_dropped_connection(kubectl, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": ')
+    raw = kubectl("create", "--raw", f"/apis/batch/v1/namespaces/{NS}/jobs", "-f", str(bad))
+    assert raw.returncode != 0
+    assert "Error from server (BadRequest)" in raw.stderr and "json parse error" in raw.stderr
+
+    job = _plain_job("strict", ["true"])
+    job["spec"]["template"]["spec"]["containers"][0]["gpus"] = 8
+    manifest = tmp_path / "job.json"
+    manifest.write_text(json.dumps(job))
+    strict = kubectl("create", "-f", str(manifest))  # kubectl's default --validate=strict
+    assert strict.returncode != 0
+    assert 'strict decoding error: unknown field "spec.template.spec.containers[0].gpus"' in strict.stderr
+    warn = kubectl("create", "-f", str(manifest), "--validate=warn")
+    assert warn.returncode == 0 and "job.batch/strict created" in warn.stdout
+    assert 'Warning: unknown field "spec.template.spec.containers[0].gpus"' in warn.stderr
+
+
+def test_standalone_server_serves_until_sigterm(tmp_path):
+    config, pid_file = tmp_path / "kubeconfig", tmp_path / "pod.pid"
+    server = subprocess.Popen([sys.executable, "-m", "tests.k8s_standin", "--kubeconfig", str(config),
+                               "--logdir", str(tmp_path / "logs")], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        url = server.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:") and config.exists()
+        kubectl = _kubectl_runner(config, tmp_path / "home")
+        # `$$` is Kubernetes' escape for `$`: the shell sees `echo $$`.
+        job = _plain_job("sleeper", ["sh", "-c", f"echo $$$$ > {pid_file}; exec sleep 600"])
+        (tmp_path / "job.json").write_text(json.dumps(job))
+        assert kubectl("create", "-f", str(tmp_path / "job.json")).returncode == 0
+        _wait_for(lambda: "Running" in kubectl("get", "pods", "-n", NS).stdout and pid_file.exists(), "the pod to run")
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid_file.read_text()), 0)  # the pod's process went with the server
+    finally:
+        if server.poll() is None:
+            server.kill()
