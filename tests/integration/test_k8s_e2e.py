@@ -122,10 +122,10 @@ def test_ui_run_through_the_real_worker_trains_promotes_on_s3_and_retrain_launch
         assert flow_pod.obj["spec"]["serviceAccountName"] == "pipeline-flow-run"
         assert flow_pod.env["AWS_ACCESS_KEY_ID"] == AWS_ENV["AWS_ACCESS_KEY_ID"]
 
-        champion = json.loads(s3.fs().cat(f"{s3.bucket}/e2e/registry/champion.json"))
+        champion = json.loads(s3.fs.cat(f"{s3.bucket}/e2e/registry/champion.json"))
         assert champion["release"].startswith(f"{storage}/registry/releases/")
-        assert s3.fs().exists(f"{s3.bucket}/e2e/registry/last_evaluated.json")
-        assert s3.fs().exists(f"{s3.bucket}/e2e/artifacts/reports/metrics.json")
+        assert s3.fs.exists(f"{s3.bucket}/e2e/registry/last_evaluated.json")
+        assert s3.fs.exists(f"{s3.bucket}/e2e/artifacts/reports/metrics.json")
 
         # 4. The cron's retrain on unchanged data: one flow-run Job, no stage Job.
         _, state = _run_flow(env, api, "retrain/retrain", tmp_path)

@@ -64,10 +64,10 @@ def test_two_node_ddp_stages_through_kubernetes(standin_cluster, flow_env, s3, t
     assert state.is_completed(), state
     result = state.result()
     assert result["stages"] == {s: "ran" for s in ("prepare", "pretrain", "finetune", "evaluate")}
-    summary = json.loads(s3.fs().cat(f"{s3.bucket}/artifacts/models/pretrain/summary.json"))
+    summary = json.loads(s3.fs.cat(f"{s3.bucket}/artifacts/models/pretrain/summary.json"))
     assert summary["world_size"] == 2
     assert [r[3] for r in standin_cluster.requests("delete", "jobs")] == [orphan]
-    assert s3.fs().exists(f"{s3.bucket}/registry/champion.json")
+    assert s3.fs.exists(f"{s3.bucket}/registry/champion.json")
 
     # One indexed Job per stage; the training ones had two pods (completion indexes 0 and 1).
     remaining = standin_cluster.jobs()
