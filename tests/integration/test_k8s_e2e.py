@@ -32,6 +32,8 @@ pytestmark = pytest.mark.slow
 NAMESPACE = "ml-pipeline"
 IMAGE = "ghcr.io/example/pipeline:0.1.0"
 STAGE_LABEL = "pipeline.example/stage"
+WORKER = f"system:serviceaccount:{NAMESPACE}:prefect-worker"
+FLOW_RUN = f"system:serviceaccount:{NAMESPACE}:pipeline-flow-run"
 
 
 def _kubectl(kubeconfig, *args: str) -> str:
@@ -64,6 +66,12 @@ def _run_flow(env: dict, api: str, deployment: str, tmp_path, timeout_s: float =
     raise AssertionError(f"{deployment} did not finish in {timeout_s:.0f} s; worker log:\n{log.read_text()[-3000:]}")
 
 
+def _granted(standin, role: str) -> set[tuple[str, str]]:
+    """(verb, resource) pairs the Role that `kubectl apply` stored grants."""
+    (obj,) = [r for r in standin.objects("roles", NAMESPACE) if r["metadata"]["name"] == role]
+    return {(verb, res) for rule in obj["rules"] for res in rule["resources"] for verb in rule["verbs"]}
+
+
 def _pod_logs(standin) -> str:
     return "\n".join(p.log_path.read_text(errors="replace") for p in standin.cluster.pods.values()
                      if p.log_path.exists())
@@ -84,8 +92,9 @@ def test_ui_run_through_the_real_worker_trains_promotes_on_s3_and_retrain_launch
     server = start_prefect_server(tmp_path / "prefect-home", port, tmp_path / "server.log")
     # No AWS keys and no PIPELINE_* settings in the worker's or deployer's environment: whatever the
     # pods get, they get from the cluster (Secret, ConfigMap) and the deployment's parameters.
+    worker_kubeconfig = k8s_standin.write_kubeconfig(tmp_path / "worker-kubeconfig", user=WORKER)
     env = {k: v for k, v in tool_env(PREFECT_API_URL=api, PREFECT_HOME=str(tmp_path / "client-home"),
-                                     KUBECONFIG=str(kubeconfig)).items()
+                                     KUBECONFIG=str(worker_kubeconfig)).items()
            if not k.startswith(("AWS_", "PIPELINE_"))}
     # The stand-in serves no watches for the worker's kopf observer: it is off here (docs/kubernetes.md).
     env["PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_ENABLED"] = "false"
@@ -133,5 +142,11 @@ def test_ui_run_through_the_real_worker_trains_promotes_on_s3_and_retrain_launch
         assert len([j for j in k8s_standin.jobs() if STAGE_LABEL not in j["metadata"]["labels"]]) == 2
         assert len([j for j in k8s_standin.jobs() if STAGE_LABEL in j["metadata"]["labels"]]) == 4
         assert "no change" in _pod_logs(k8s_standin)
+
+        # Least privilege that still works: every call the worker and the flow-run pods made (each as
+        # its ServiceAccount) is granted by its Role, and each made some.
+        for user, role in ((WORKER, "prefect-worker"), (FLOW_RUN, "pipeline-flow-run")):
+            used = {(r[0], r[1]) for r in k8s_standin.requests() if r[4] == user}
+            assert used and used <= _granted(k8s_standin, role), (role, used - _granted(k8s_standin, role))
     finally:
         stop(server)

@@ -34,10 +34,11 @@ class StandIn:
         conf.retries = False  # a retry would hide the 'exactly one request' behaviour under test
         return k8s.ApiClient(conf)
 
-    def write_kubeconfig(self, path: Path, namespace: str | None = None) -> Path:
-        """A kubeconfig for kubectl or `kubernetes.config.load_kube_config` (plain HTTP, no credentials)."""
+    def write_kubeconfig(self, path: Path, namespace: str | None = None, user: str | None = None) -> Path:
+        """A kubeconfig for kubectl or `kubernetes.config.load_kube_config` (plain HTTP, no credentials;
+        `user` only names the caller in `requests()`)."""
         path = Path(path)
-        path.write_text(kubeconfig(self.host, namespace))
+        path.write_text(kubeconfig(self.host, namespace, user))
         return path
 
     def evict(self, pod_name: str) -> None:

@@ -137,12 +137,14 @@ def image_paths(image_env: dict[str, str], image_workdir: str, workdir: Path, po
                     venv: sys.prefix})
 
 
-def kubeconfig(server: str, namespace: str | None = None) -> str:
-    """A kubeconfig for the stand-in: plain HTTP on loopback, no credentials."""
+def kubeconfig(server: str, namespace: str | None = None, user: str | None = None) -> str:
+    """A kubeconfig for the stand-in: plain HTTP on loopback. `user` (e.g. the pod's
+    `system:serviceaccount:<ns>:<name>`) is sent as the bearer token: not a credential, only a name
+    the stand-in records with each request, so tests can check calls against that identity's Role."""
     context = {"cluster": "standin", "user": "standin", **({"namespace": namespace} if namespace else {})}
     return yaml.safe_dump({"apiVersion": "v1", "kind": "Config", "current-context": "standin",
                            "clusters": [{"name": "standin", "cluster": {"server": server}}],
-                           "users": [{"name": "standin", "user": {}}],
+                           "users": [{"name": "standin", "user": {"token": user} if user else {}}],
                            "contexts": [{"name": "standin", "context": context}]})
 
 
@@ -278,7 +280,8 @@ class Kubelet:
             elif match and time.monotonic() - pod.created < cluster.dns_wait:
                 raise _WaitingForDNS(f"waiting for headless Service {match['ns']}/{match['sub']} to resolve {value}")
         if cluster.api_url and self._automount(pod.obj):
-            env.setdefault("KUBECONFIG", str(self._kubeconfig(ns)))  # stands in for the ServiceAccount token
+            sa = spec.get("serviceAccountName") or "default"
+            env.setdefault("KUBECONFIG", str(self._kubeconfig(ns, sa)))  # stands in for the ServiceAccount token
         command = [expand(a, own) for a in container.get("command") or []]
         args = [expand(a, own) for a in container.get("args") or []]
         argv = images.container_argv(image, command, args)
@@ -306,11 +309,11 @@ class Kubelet:
         setting = (sa or {}).get("automountServiceAccountToken")
         return True if setting is None else setting
 
-    def _kubeconfig(self, ns: str) -> Path:
-        path = self.cluster.logdir / "kubeconfig" / f"{ns}.yaml"
+    def _kubeconfig(self, ns: str, service_account: str) -> Path:
+        path = self.cluster.logdir / "kubeconfig" / f"{ns}-{service_account}.yaml"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(kubeconfig(self.cluster.api_url, ns))
+            path.write_text(kubeconfig(self.cluster.api_url, ns, f"system:serviceaccount:{ns}:{service_account}"))
         return path
 
     def _secret(self, ns: str, name: str) -> dict | None:

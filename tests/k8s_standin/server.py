@@ -48,7 +48,8 @@ class StandInServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.cluster = cluster
         self.faults: list[tuple[str, str, int]] = []
-        self.requests: list[tuple[str, str, str, str | None]] = []  # (verb, resource, ns, name)
+        # (verb, resource, ns, name, user): user is the bearer token, which names the caller here.
+        self.requests: list[tuple[str, str, str, str | None, str | None]] = []
         self.lock = threading.Lock()
         self.stopping = threading.Event()  # ends watches and followed logs
         self.host = f"127.0.0.1:{self.server_address[1]}"
@@ -179,7 +180,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
         resource = f"{kind.plural}/{sub}" if sub else kind.plural
         with self.server.lock:
-            self.server.requests.append((verb, resource, ns, name))
+            user = (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip() or None
+            self.server.requests.append((verb, resource, ns, name, user))
             fault = next((f for f in self.server.faults if f[:2] == (verb, resource)), None)
             if fault:
                 self.server.faults.remove(fault)
