@@ -15,9 +15,14 @@ class TrainingParameters(BaseModel):
     pretrain_epochs: int | None = Field(None, ge=1)
     finetune_epochs: int | None = Field(None, ge=1)
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] | None = None
-    accelerator: Literal["cpu", "gpu", "auto"] | None = None
-    devices: int | None = Field(None, ge=1, description="devices per node")
-    num_nodes: int | None = Field(None, ge=1)
+    # On Kubernetes the launch ConfigMap's overlay decides the shape of pretrain/finetune (nodes, GPUs per node,
+    # placement, resources); these three change it only when set, and a contradiction with the overlay fails
+    # the run before any Job (pipeline/launch/shape.py).
+    accelerator: Literal["cpu", "gpu", "auto"] | None = Field(
+        None, description="Kubernetes: unset follows the overlay; cpu with a GPU overlay is an error")
+    devices: int | None = Field(None, ge=1, description="devices per node (Kubernetes: GPUs per pod, at most the "
+                                                        "overlay's gpus_per_node; unset: the overlay's)")
+    num_nodes: int | None = Field(None, ge=1, description="nodes (Kubernetes: pods; unset: the overlay's nodes)")
     seed: int | None = None
     promotion_margin: float | None = Field(None, ge=0, le=1, description="challenger must win by more than this")
     launcher: Literal["local", "kubernetes"] = Field(

@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import get_run_context
 
+from flows import stage_cache
 from flows import workspace as wsmod
 from flows.dag import stage_order
 from flows.parameters import TrainingParameters
@@ -28,6 +29,7 @@ from pipeline.errors import EXIT_SIGTERM, EXIT_USER_ERROR, ConfigError, UserInpu
 from pipeline.launch.kubernetes import KubernetesLaunchError
 from pipeline.launch import StageCommand
 from pipeline.launch.local import LocalLauncher
+from pipeline.launch.shape import TRAINING_STAGES, set_args  # TRAINING_STAGES: the multi-process (DDP) stages
 
 
 
@@ -61,38 +63,50 @@ def _retry_infra_only(task, task_run, state) -> bool:
     return False
 
 
-TRAINING_STAGES = ("pretrain", "finetune")  # the others are single-process: one pod, no GPUs
+def kubernetes_launch_config(params: TrainingParameters, stage: str):
+    """The stage's KubernetesLaunchConfig. The launch ConfigMap (PIPELINE_K8S_CONFIG + PIPELINE_K8S_OVERRIDES)
+    decides nodes, GPUs, placement and resources; only what the user set explicitly (num_nodes, devices,
+    accelerator, or those trainer keys via extra_overrides) changes it, and prepare/evaluate get the light
+    profile. Rules: pipeline/launch/shape.py. A conflict with the overlay is a ConfigError (exit 2)."""
+    from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
+    from pipeline.launch.shape import stage_launch_config, user_overrides
+
+    return stage_launch_config(KubernetesLaunchConfig.from_env(), stage, user_overrides(params.overrides()))
 
 
 def make_launcher(params: TrainingParameters, workdir: Path, stage: str):
+    """A local subprocess, or (launcher=kubernetes) an indexed Job shaped by kubernetes_launch_config()."""
     if params.launcher == "kubernetes":
         from pipeline.launch import kubernetes
-        from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
 
-        training = stage in TRAINING_STAGES
-        gpus = (params.devices or 1) if training and params.accelerator == "gpu" else 0
-        nodes = (params.num_nodes or 1) if training else 1
-        return kubernetes.KubernetesLauncher(KubernetesLaunchConfig.from_env(nodes=nodes, gpus_per_node=gpus),
-                                             kubernetes.default_api_client(), owner=kubernetes.owner_from_env())
+        return kubernetes.KubernetesLauncher(kubernetes_launch_config(params, stage), kubernetes.default_api_client(),
+                                             owner=kubernetes.owner_from_env())
     return LocalLauncher(workdir)
 
 
 @task(task_run_name="run_stage:{stage}", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_infra_only)
-def run_stage(ws: wsmod.Workspace, stage: str, params: TrainingParameters, run_id: str, dvc_tracked: bool) -> str:
-    """Restore from DVC's run-cache if possible, else launch the stage, then record it in DVC.
+def run_stage(ws: wsmod.Workspace, stage: str, params: TrainingParameters, run_id: str, dvc_tracked: bool,
+              cached: stage_cache.StagePlan | None = None) -> str:
+    """Restore from a cache if possible, else launch the stage, then record it.
 
-    With artifacts under a remote `paths.root` (s3://), outputs are not in the workspace, so
-    DVC (which dropped external outputs in 3.0) cannot cache them: the stage always runs.
+    Local artifacts: DVC's run-cache. Artifacts under a remote `paths.root` (s3://) are not in the
+    workspace and DVC 3 cannot cache them: `cached` (flows/stage_cache.py, same inputs as DVC's key)
+    says where this stage's outputs live for its key, and a complete one there is not re-run.
     """
     logger = get_run_logger()
+    if cached is not None and not params.force and cached.complete():
+        logger.info("%s: restored from the stage cache (key %s), not re-run: %s", stage, cached.key,
+                    ", ".join(cached.outputs.values()))
+        return "restored"
     if dvc_tracked and not params.force:
         state = wsmod.restore_stage(ws, stage)
         if state != "miss":
             logger.info("%s: %s, not re-run", stage, "restored from the run-cache" if state == "run-cache" else state)
             return state
     launcher = make_launcher(params, ws.root, stage)
-    # Pods run the image's params.yaml, not this workspace's: ship the flow's overrides with the command.
-    args = [arg for item in params.overrides() for arg in ("--set", item)] if params.launcher == "kubernetes" else []
+    # Pods run the image's params.yaml, not this workspace's: ship the flow's overrides with the command
+    # (for a pinned data source they include data.version: see _pin_data).
+    args = set_args(params.overrides()) if params.launcher == "kubernetes" else []
     started = time.perf_counter()
     code = launcher.run(StageCommand(stage=stage, args=args, run_id=run_id), log=logger.info)
     if code == EXIT_USER_ERROR:
@@ -202,17 +216,27 @@ def train(params: TrainingParameters = TrainingParameters()) -> dict:
     cfg = effective_config(params, project)
     if params.launcher == "kubernetes":
         _check_kubernetes_storage(cfg, project)  # before any Job: a GPU hour must not end in "no credentials"
+        for stage in TRAINING_STAGES:  # nor a stage shape that contradicts the overlay (exit 2)
+            kubernetes_launch_config(params, stage)
     _clean_orphans(params)
     ws = wsmod.create_workspace(project, _runs_dir(cfg, project) / run_name, params.overrides(),
                                 dvc_remote=cfg.paths.project_uri("dvc_remote", project))
     data = version_data(ws, cfg)
     if not cfg.data.source.startswith("builtin:"):
-        # Stages read the DVC snapshot, and the version pins prepare's cache key to the content.
-        cfg = _pin_data(ws, ["data.source=data/source", f"data.version={data['data_version']}"])
+        # Stages read the DVC snapshot (pods: the original source), and the version pins prepare's cache key
+        # to the content; on Kubernetes the returned params carry the data.version pin to the pods.
+        cfg, params = _pin_data(ws, params, data)
     tracked = cfg.paths.root in ("", ".")
+    order, plans = stage_order(ws.root / "dvc.yaml"), {}
     if tracked:
         wsmod.pull_run_cache(ws)
-    outcomes = {stage: run_stage(ws, stage, params, run_id, tracked) for stage in stage_order(ws.root / "dvc.yaml")}
+    else:
+        # Remote artifacts: every output goes under its stage key, in the workspace and for the pods alike.
+        plans = stage_cache.plan(ws.root, cfg, order)
+        pins = [item for plan in plans.values() for item in plan.overrides()]
+        cfg = update_params_file(ws.params_file, pins)
+        params = params.model_copy(update={"extra_overrides": [*params.extra_overrides, *pins]})
+    outcomes = {stage: run_stage(ws, stage, params, run_id, tracked, plans.get(stage)) for stage in order}
     # Artifacts on s3:// are not DVC outputs, but the source snapshot still goes to the remote.
     pushed = wsmod.push(ws) if tracked else bool(data["snapshot"]) and wsmod.push(ws, [data["snapshot"]])
     metrics = storage.read_json(storage.join(artifact_uri(ws, cfg, "reports"), "metrics.json"))
@@ -284,8 +308,22 @@ def _check_kubernetes_storage(cfg: Config, project: Path) -> None:
         raise type(exc)([*exc.problems, hint]) from None
 
 
-def _pin_data(ws: wsmod.Workspace, overrides: list[str]) -> Config:
-    return update_params_file(ws.params_file, overrides)
+def _pin_data(ws: wsmod.Workspace, params: TrainingParameters, data: dict) -> tuple[Config, TrainingParameters]:
+    """Pin the versioned source for the stages: (the workspace's config, the params stages get).
+
+    Local stages read the workspace's params.yaml: `data.source=data/source` (the DVC snapshot) and
+    `data.version`. Pods see only the image and the `--set` args run_stage ships from the params: they
+    get `data.version` too but keep `data.source` as the original URI (the snapshot path exists only
+    in this workspace), so prepare refuses content that changed since version_data.
+    """
+    cfg = update_params_file(ws.params_file, ["data.source=data/source", f"data.version={data['data_version']}"])
+    if params.launcher != "kubernetes":
+        return cfg, params
+    if not storage.is_remote(data["source"]):
+        raise ConfigError(f"data.source: {data['source']!r} is on the flow-run pod; stage pods cannot read it "
+                          "(use s3://bucket/prefix or builtin:digits)")
+    pinned = [*params.extra_overrides, f"data.version={data['data_version']}"]
+    return cfg, params.model_copy(update={"extra_overrides": pinned})
 
 
 def _link_latest(run_root: Path) -> None:

@@ -12,11 +12,15 @@ import signal
 import sys
 from types import FrameType
 
+from pathlib import Path
+
 from pipeline.config import DEFAULT_PARAMS, load_config
-from pipeline.errors import EXIT_SIGTERM, EXIT_USER_ERROR, UserInputError
+from pipeline.errors import EXIT_SIGTERM, EXIT_USER_ERROR, ConfigError, UserInputError
 from pipeline.preflight import PreflightError
 from pipeline.stages import STAGES, stage_runner
 from pipeline.training import Terminated
+
+LAUNCH_BASE = "k8s/base/launch-base.json"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +35,42 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("show-config", parents=[config_args], help="print the effective, validated config")
     run = commands.add_parser("run", parents=[config_args], help="run the whole pipeline as a Prefect flow")
     run.add_argument("--force", action="store_true", help="re-run every stage even if cached")
+    k8s = commands.add_parser("k8s", help="Kubernetes helpers (no cluster needed)")
+    k8s_commands = k8s.add_subparsers(dest="k8s_command", required=True, metavar="COMMAND")
+    render = k8s_commands.add_parser(
+        "render", parents=[config_args], help="print a stage's Job and Service as the flow would submit them",
+        description="Print, as YAML (Job, then Service), the objects the Kubernetes launcher submits for STAGE "
+                    "with these --set overrides: same shape rules, same renderer, same args. No cluster.")
+    render.add_argument("stage", choices=STAGES, metavar="STAGE", help=f"one of {', '.join(STAGES)}")
+    render.add_argument("--overlay", type=Path, help="k8s/overlays/<name>: its launch.json over the base "
+                                                     "(default: the base alone)")
+    render.add_argument("--base", type=Path, default=Path(LAUNCH_BASE), help=f"base launch settings (default: {LAUNCH_BASE})")
+    render.add_argument("--run-id", default="render", help="flow run id for names and labels (default: render)")
     return parser
+
+
+def _read_launch_file(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _k8s_render(args: argparse.Namespace) -> int:
+    """`pipeline k8s render`: read the launch files as flows/deploy.py does, shape and render as the flow does."""
+    import yaml
+
+    from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
+    from pipeline.launch.kubernetes import owner_from_env
+    from pipeline.launch.shape import render_stage
+
+    files = [args.base, *([args.overlay / "launch.json"] if args.overlay else [])]
+    base = KubernetesLaunchConfig.from_layers([(str(path), _read_launch_file(path)) for path in files])
+    objects = render_stage(base, args.stage, args.overrides, args.run_id, owner_from_env())
+    print(yaml.safe_dump_all(objects, sort_keys=False), end="")
+    return 0
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -69,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             from flows.training import run_pipeline_cli
 
             return run_pipeline_cli(args.params, args.overrides, force=args.force)
+        if args.command == "k8s":
+            return _k8s_render(args)
         if _injected_fault(args.command):
             return 1
         stage_runner(args.command)(cfg)

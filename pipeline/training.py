@@ -246,9 +246,11 @@ def fit(
     callbacks.extend(extra_callbacks or [])
     strategy = trainer_cfg.strategy
     if strategy == "ddp":
-        # Fail in minutes, not the 30-minute default, when a peer never shows up.
+        # Fail in minutes, not the 30-minute default, when a peer never shows up or is lost
+        # (PIPELINE_DDP_TIMEOUT_S shortens it; on Kubernetes the Job's FailJob stops survivors sooner).
         # A backbone frozen for the first epochs gets no gradients then: DDP must be told to expect that.
-        strategy = DDPStrategy(timeout=timedelta(minutes=5), find_unused_parameters=partly_frozen)
+        timeout_s = float(os.environ.get("PIPELINE_DDP_TIMEOUT_S") or 300)
+        strategy = DDPStrategy(timeout=timedelta(seconds=timeout_s), find_unused_parameters=partly_frozen)
     trainer = L.Trainer(
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,

@@ -15,7 +15,9 @@ import re
 import secrets
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import ConfigError
 
 # The oldest API version whose schemas the manifests must satisfy: podFailurePolicy is GA
 # since 1.31 and the managed clusters we target run 1.32+.
@@ -29,6 +31,39 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "pipeline-launcher"}
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 # JSON of KubernetesLaunchConfig fields: base values, then the overlay's (k8s/ ConfigMap training-launch).
 CONFIG_ENVS = ("PIPELINE_K8S_CONFIG", "PIPELINE_K8S_OVERRIDES")
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# Keys extra_labels/extra_annotations may not set: the pipeline's own, the Job controller's, and Kueue's
+# queue label (set it with queue_name, which also creates the Job suspended).
+RESERVED_PREFIXES = (f"{LABEL_PREFIX}/", "batch.kubernetes.io/")
+RESERVED_KEYS = (*MANAGED_BY, QUEUE_LABEL, "controller-uid", "job-name")
+_NAME = r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]"
+_DNS_SUBDOMAIN = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+
+
+def _check_label_value(value: str, what: str) -> str:
+    if len(value) > 63 or (value and not re.fullmatch(_NAME, value)):
+        raise ValueError(f"{what} {value!r} is not a valid label value (<= 63 characters of [A-Za-z0-9._-], "
+                         "alphanumeric at both ends)")
+    return value
+
+
+def _check_dns_subdomain(name: str, what: str) -> str:
+    if len(name) > 253 or not re.fullmatch(_DNS_SUBDOMAIN, name):
+        raise ValueError(f"{what} {name!r} is not a valid object name (lowercase DNS subdomain, <= 253 characters)")
+    return name
+
+
+def _check_key(key: str, what: str) -> str:
+    """A label or annotation key: [prefix/]name, prefix a DNS subdomain, name <= 63 characters; not reserved."""
+    prefix, _, name = key.rpartition("/")
+    if (prefix and (len(prefix) > 253 or not re.fullmatch(_DNS_SUBDOMAIN, prefix))) or len(name) > 63 \
+            or not re.fullmatch(_NAME, name):
+        raise ValueError(f"{what} key {key!r} is not a valid key ([DNS-subdomain/]name, name <= 63 characters "
+                         "of [A-Za-z0-9._-], alphanumeric at both ends)")
+    if key in RESERVED_KEYS or key.startswith(RESERVED_PREFIXES):
+        hint = " (use queue_name)" if key == QUEUE_LABEL else ""
+        raise ValueError(f"{what} key {key!r} is reserved for the pipeline, the Job controller or Kueue{hint}")
+    return key
 
 
 class Toleration(BaseModel):
@@ -37,6 +72,20 @@ class Toleration(BaseModel):
     operator: str = "Exists"
     value: str | None = None
     effect: str | None = "NoSchedule"
+
+
+class LightProfile(BaseModel):
+    """Placement and resources of the single-process stages (prepare, evaluate): one pod, no GPU."""
+
+    model_config = ConfigDict(extra="forbid")
+    cpu_request: str = "1"
+    cpu_limit: str = "2"
+    memory_request: str = "2Gi"
+    memory_limit: str = "4Gi"
+    shm_size: str = "1Gi"
+    node_selector: dict[str, str] = {}
+    """Empty by default: these stages must not hold a GPU node (the overlay's node_selector is not used)."""
+    tolerations: list[Toleration] = []
 
 
 class KubernetesLaunchConfig(BaseModel):
@@ -66,7 +115,15 @@ class KubernetesLaunchConfig(BaseModel):
     active_deadline_seconds: int = Field(6 * 3600, ge=1)
     ttl_seconds_after_finished: int = Field(3600, ge=0)
     backoff_limit: int = Field(2, ge=0)
-    """Retries of infra failures (not exit 2, not preemptions: those are handled by podFailurePolicy)."""
+    """Deprecated, ignored (kept so existing overlays still load): every Job is rendered with
+    backoffLimit 0, because replacing one pod of a multi-node group cannot help its surviving
+    ranks. A lost pod ends the attempt; the launcher restarts the whole group (`max_restarts`)."""
+    max_restarts: int = Field(3, ge=0)
+    """New attempts (a new Job, all ranks, resuming from the last checkpoint) after a rank is lost:
+    eviction/preemption (DisruptionTarget), node failure, a non-zero exit other than 2."""
+    pending_timeout_seconds: float = Field(300, gt=0)
+    """A pod still Pending (unschedulable, image pull, missing Secret...) after this long fails the stage
+    with the scheduler's or kubelet's reason (StagePendingTimeout, not retried by the flow)."""
     termination_grace_seconds: int = Field(60, ge=0)
     """Time between SIGTERM and SIGKILL: long enough for the stage to write its checkpoint."""
     master_port: int = Field(29500, ge=1, le=65535)
@@ -85,6 +142,23 @@ class KubernetesLaunchConfig(BaseModel):
     """Job/pod status poll period (polling keeps RBAC to get/list, no watch needed)."""
     api_attempts: int = Field(6, ge=1)
     """Tries per API request on 429, 5xx and dropped connections (exponential backoff, ~30 s in all)."""
+    light: LightProfile = LightProfile()
+    """Shape of prepare and evaluate (pipeline/launch/shape.py); the fields above shape pretrain/finetune."""
+    # Cluster conventions (docs/kubernetes.md, "Cluster conventions").
+    queue_name: str | None = None
+    """Kueue LocalQueue: labels the Job `kueue.x-k8s.io/queue-name` and creates it with `suspend: true`,
+    so Kueue admits all its pods at once (gang) when quota allows. Must be a valid label value."""
+    priority_class_name: str | None = None
+    """PriorityClass of the pods (Kueue also orders and preempts by it)."""
+    image_pull_secrets: list[str] = []
+    """Secrets (in the Jobs' namespace) for a private registry."""
+    extra_labels: dict[str, str] = {}
+    """Added to the Job, its pods and its Service (cost allocation, policies); cannot replace the pipeline's."""
+    extra_annotations: dict[str, str] = {}
+    """Added to the Job and its pods; cannot set the pipeline's or the Job controller's keys."""
+    guaranteed_qos: bool = False
+    """Render requests = limits for cpu and memory (the `*_limit` values): pods are in the Guaranteed QoS
+    class, evicted last under node pressure. Explicit `*_request` values must then equal the limits."""
 
     @field_validator("image")
     @classmethod
@@ -93,13 +167,85 @@ class KubernetesLaunchConfig(BaseModel):
             raise ValueError(f"image {image!r} must be pinned by tag or digest")
         return image
 
+    @field_validator("queue_name")
+    @classmethod
+    def _queue(cls, name: str | None) -> str | None:
+        if name is not None:
+            _check_label_value(name, "queue_name")
+            if not name:
+                raise ValueError("queue_name must not be empty (omit it, or null, to run without Kueue)")
+        return name
+
+    @field_validator("priority_class_name")
+    @classmethod
+    def _priority(cls, name: str | None) -> str | None:
+        return name if name is None else _check_dns_subdomain(name, "priority_class_name")
+
+    @field_validator("image_pull_secrets")
+    @classmethod
+    def _pull_secrets(cls, names: list[str]) -> list[str]:
+        return [_check_dns_subdomain(n, "image_pull_secrets: Secret name") for n in names]
+
+    @field_validator("extra_labels")
+    @classmethod
+    def _extra_labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        for key, value in labels.items():
+            _check_key(key, "extra_labels")
+            _check_label_value(value, f"extra_labels[{key!r}]: value")
+        return labels
+
+    @field_validator("extra_annotations")
+    @classmethod
+    def _extra_annotations(cls, annotations: dict[str, str]) -> dict[str, str]:
+        for key in annotations:
+            _check_key(key, "extra_annotations")
+        return annotations
+
+    @model_validator(mode="after")
+    def _guaranteed(self) -> "KubernetesLaunchConfig":
+        if self.guaranteed_qos:
+            for resource in ("cpu", "memory"):
+                request, limit = getattr(self, f"{resource}_request"), getattr(self, f"{resource}_limit")
+                if f"{resource}_request" in self.model_fields_set and request != limit:
+                    raise ValueError(f"guaranteed_qos: {resource}_request {request!r} differs from {resource}_limit "
+                                     f"{limit!r}; Guaranteed QoS needs requests = limits (omit the request or "
+                                     "make them equal)")
+        return self
+
+    @classmethod
+    def from_layers(cls, layers: list[tuple[str, dict[str, Any]]]) -> "KubernetesLaunchConfig":
+        """Merge (source, values) layers, later ones winning key by key, and validate. ConfigError (exit 2)
+        lists every problem, each naming the source that set the key: `k8s/overlays/gpu/launch.json: nodez:
+        unknown key`."""
+        merged: dict[str, Any] = {}
+        origin: dict[str, str] = {}
+        for source, values in layers:
+            if not isinstance(values, dict):
+                raise ConfigError(f"{source}: expected a JSON object of launch settings")
+            merged.update(values)
+            origin.update(dict.fromkeys(values, source))
+        try:
+            return cls(**merged)
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                key = ".".join(str(part) for part in err["loc"])
+                source = origin.get(str(err["loc"][0]) if err["loc"] else "", layers[-1][0] if layers else "launch")
+                message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+                problems.append(f"{source}: {key or '<root>'}: {message}")
+            raise ConfigError(problems) from None
+
     @classmethod
     def from_env(cls, **overrides: Any) -> "KubernetesLaunchConfig":
-        """$PIPELINE_K8S_CONFIG, then $PIPELINE_K8S_OVERRIDES (the overlay), then explicit overrides."""
-        merged: dict[str, Any] = {}
+        """$PIPELINE_K8S_CONFIG, then $PIPELINE_K8S_OVERRIDES (the overlay), then explicit overrides.
+        Bad JSON, unknown keys or invalid values: ConfigError naming the variable and the key."""
+        layers = []
         for name in CONFIG_ENVS:
-            merged.update(json.loads(os.environ.get(name) or "{}"))
-        return cls(**{**merged, **overrides})
+            try:
+                layers.append((f"${name}", json.loads(os.environ.get(name) or "{}")))
+            except ValueError as exc:
+                raise ConfigError(f"${name}: not valid JSON ({exc})") from None
+        return cls.from_layers([*layers, ("overrides", overrides)])
 
 
 def _dns_label(text: str, limit: int) -> str:
@@ -131,8 +277,9 @@ def trainer_args(cfg: KubernetesLaunchConfig) -> list[str]:
     return [part for key, value in args.items() for part in ("--set", f"{key}={value}")]
 
 
-def _labels(cfg_stage: str, run_id: str, job_name: str) -> dict[str, str]:
-    return {**MANAGED_BY, RUN_LABEL: label_value(run_id), STAGE_LABEL: label_value(cfg_stage),
+def _labels(cfg: KubernetesLaunchConfig, stage: str, run_id: str, job_name: str) -> dict[str, str]:
+    # extra_labels first: validation keeps them off the pipeline's keys, and these win regardless.
+    return {**cfg.extra_labels, **MANAGED_BY, RUN_LABEL: label_value(run_id), STAGE_LABEL: label_value(stage),
             JOB_LABEL: job_name}
 
 
@@ -153,7 +300,10 @@ def _env(cfg: KubernetesLaunchConfig, job_name: str, run_id: str, extra: dict[st
 
 
 def _resources(cfg: KubernetesLaunchConfig) -> dict:
-    requests = {"cpu": cfg.cpu_request, "memory": cfg.memory_request}
+    if cfg.guaranteed_qos:  # Guaranteed QoS: requests = limits for every resource
+        requests = {"cpu": cfg.cpu_limit, "memory": cfg.memory_limit}
+    else:
+        requests = {"cpu": cfg.cpu_request, "memory": cfg.memory_request}
     limits = {"cpu": cfg.cpu_limit, "memory": cfg.memory_limit}
     if cfg.gpus_per_node:
         requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(cfg.gpus_per_node)
@@ -196,6 +346,10 @@ def _pod_spec(cfg: KubernetesLaunchConfig, job_name: str, stage: str, args: list
     }
     if cfg.service_account:
         spec["serviceAccountName"] = cfg.service_account
+    if cfg.priority_class_name:
+        spec["priorityClassName"] = cfg.priority_class_name
+    if cfg.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": name} for name in cfg.image_pull_secrets]
     if cfg.node_selector:
         spec["nodeSelector"] = dict(cfg.node_selector)
     if cfg.tolerations:
@@ -211,8 +365,16 @@ def owner_reference(kind: str, name: str, uid: str, api_version: str = "batch/v1
 
 def render_job(cfg: KubernetesLaunchConfig, job_name: str, stage: str, args: list[str],
                run_id: str, env: dict[str, str] | None = None, owner: dict | None = None) -> dict:
-    labels = _labels(stage, run_id, job_name)
-    metadata: dict[str, Any] = {"name": job_name, "namespace": cfg.namespace, "labels": labels}
+    labels = _labels(cfg, stage, run_id, job_name)
+    metadata: dict[str, Any] = {"name": job_name, "namespace": cfg.namespace, "labels": dict(labels)}
+    pod_metadata: dict[str, Any] = {"labels": labels}
+    if cfg.extra_annotations:
+        metadata["annotations"] = dict(cfg.extra_annotations)
+        pod_metadata["annotations"] = dict(cfg.extra_annotations)
+    if cfg.queue_name:
+        # Kueue: the queue label on the Job itself, created suspended; Kueue unsuspends it once the
+        # whole Job (every pod) fits the queue's quota, so ranks never wait half-scheduled.
+        metadata["labels"][QUEUE_LABEL] = cfg.queue_name
     if owner:
         # The flow-run Job owns its stage Jobs: if the flow-run pod is lost and its Job deleted (TTL,
         # kubectl, Prefect cancel), no GPU Job outlives it.
@@ -225,18 +387,23 @@ def render_job(cfg: KubernetesLaunchConfig, job_name: str, stage: str, args: lis
             "completionMode": "Indexed",
             "completions": cfg.nodes,
             "parallelism": cfg.nodes,
-            "backoffLimit": cfg.backoff_limit,
+            # 0: any lost pod fails the Job, whose controller then stops the surviving ranks at once
+            # (they would otherwise wait in a collective until the DDP timeout). The launcher restarts
+            # the whole group as a new Job (max_restarts), as JobSet's failurePolicy does.
+            "backoffLimit": 0,
             "activeDeadlineSeconds": cfg.active_deadline_seconds,
             "ttlSecondsAfterFinished": cfg.ttl_seconds_after_finished,
             "podFailurePolicy": {"rules": [
-                # Preemption/eviction: the replacement resumes from the checkpoint; not a failure.
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-                # Exit 2 = bad config or data: retrying burns GPU-hours for the same error.
+                # Exit 2 = bad config or data: retrying burns GPU-hours for the same error (no restart).
                 {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER_NAME,
                                                       "operator": "In", "values": [2]}},
+                # Preemption/eviction of any rank: end the attempt now, so the launcher restarts the
+                # whole group from the checkpoint (not counted as a pod failure).
+                {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
             ]},
+            **({"suspend": True} if cfg.queue_name else {}),
             "template": {
-                "metadata": {"labels": labels},
+                "metadata": pod_metadata,
                 "spec": _pod_spec(cfg, job_name, stage, args, run_id, env or {}),
             },
         },
@@ -248,7 +415,7 @@ def render_service(cfg: KubernetesLaunchConfig, job_name: str, stage: str, run_i
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {"name": job_name, "namespace": cfg.namespace,
-                     "labels": _labels(stage, run_id, job_name)},
+                     "labels": _labels(cfg, stage, run_id, job_name)},
         "spec": {
             "clusterIP": "None",
             # Ranks must resolve pod 0 while it is still starting, before any readiness.

@@ -4,7 +4,21 @@
     exit_code = launcher.run(StageCommand("pretrain", [], {}, run_id), log=print)
 
 Exit code: 0 when the Job completes, 2 when a pod exited 2 (podFailurePolicy FailJob),
-otherwise the failing pod's exit code (an infra fault).
+otherwise the failing pod's exit code (an infra fault that restarts cannot fix, e.g. the deadline).
+
+The group restarts as one. Each Job is rendered with backoffLimit 0 and a FailJob rule on
+DisruptionTarget, so losing any rank (eviction, preemption, node failure, a crash: any exit but
+0 and 2) fails the Job and its controller stops the surviving ranks at once, instead of leaving
+them in a collective until the DDP timeout. The launcher then deletes that Job (foreground: its
+pods are gone first, so two attempts never write one checkpoint) and creates attempt N+1, a new
+Job with all ranks, which resumes from the last checkpoint; up to `max_restarts` times (like
+JobSet's failurePolicy.maxRestarts). Past that it raises StageRestartsExhausted with one line
+naming the cause and the attempt count, and leaves no Job and no pod. `launcher.restarts` lists
+the causes. Exit 2 is never restarted.
+
+Stuck pods fail fast: a pod still Pending after `pending_timeout_seconds` (unschedulable, image
+pull, missing Secret) deletes the Job and raises StagePendingTimeout with the scheduler's or
+kubelet's own reason.
 
 API errors are answered as the API means them. 429, 5xx and dropped connections are transient
 (an API server restarting, a rate limit): every request is retried with exponential backoff
@@ -19,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -30,7 +45,7 @@ from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError as TransportError
 
 from pipeline.launch.k8s_manifests import (
-    COMPLETION_INDEX_ANNOTATION, CONTAINER_NAME, JOB_LABEL, MANAGED_BY, RUN_LABEL,
+    COMPLETION_INDEX_ANNOTATION, CONTAINER_NAME, JOB_LABEL, LABEL_PREFIX, MANAGED_BY, RUN_LABEL,
     KubernetesLaunchConfig, label_value, new_job_name, owner_reference, render_job, render_service,
 )
 
@@ -41,6 +56,7 @@ ROLE_FILE = "k8s/base/rbac.yaml"
 TRANSIENT_STATUS = {429, 500, 502, 503, 504}
 # The flow-run pod learns its own Job from the downward API (k8s/base/base-job-template.json).
 OWNER_ENVS = ("PIPELINE_OWNER_JOB_NAME", "PIPELINE_OWNER_JOB_UID")
+ATTEMPT_KEY = f"{LABEL_PREFIX}/attempt"  # label and annotation: 1 for the first Job of a stage, 2 after a restart...
 
 
 class KubernetesLaunchError(RuntimeError):
@@ -53,6 +69,20 @@ class KubernetesLaunchError(RuntimeError):
 
 class KubernetesApiUnavailable(RuntimeError):
     """The API kept answering 429/5xx or dropping the connection after every retry: infrastructure."""
+
+
+class StagePendingTimeout(KubernetesLaunchError):
+    """A pod stayed Pending past pending_timeout_seconds (no node fits, image pull, missing Secret):
+    the Job is deleted. Not retried by the flow: the same request waits in the same place."""
+
+
+class StageRestartsExhausted(KubernetesLaunchError):
+    """Ranks were lost on every one of 1 + max_restarts attempts; nothing is left running.
+    Not retried by the flow: the launcher already restarted the group max_restarts times."""
+
+    def __init__(self, message: str, exit_code: int, restarts: list[str]):
+        super().__init__(message)
+        self.exit_code, self.restarts = exit_code, restarts
 
 
 class LaunchCancelled(Exception):
@@ -140,7 +170,10 @@ class KubernetesLauncher:
         api = api_client or default_api_client()
         self.batch, self.core = k8s.BatchV1Api(api), k8s.CoreV1Api(api)
         self._cancelled = threading.Event()
-        self.job_name: str | None = None
+        self.job_name: str | None = None  # the current (last) attempt's Job
+        self.jobs: list[str] = []  # every attempt's Job, in order
+        self.restarts: list[str] = []  # why each restart happened, one line each (for the model card)
+        self._streams: _LogStreams | None = None
         self.log: Callable[[str], None] = print
 
     def _call(self, verb: str, resource: str, fn: Callable, *args, name: str | None = None, **kwargs):
@@ -153,21 +186,66 @@ class KubernetesLauncher:
 
     def run(self, cmd: "StageCommand", log: Callable[[str], None]) -> int:
         self.log = log
+        self.jobs, self.restarts = [], []
+        attempts = self.cfg.max_restarts + 1
+        for attempt in range(1, attempts + 1):
+            code, cause = self._attempt(cmd, attempt, log)
+            if cause is None:  # done: success, exit 2, or a failure no restart can fix
+                log(_summary(cmd.stage, code, attempt, self.restarts))
+                return code
+            where = f"{cause} on attempt {attempt} of {attempts}"
+            # The old group must be gone before the new one starts: no two rank 0s on one checkpoint.
+            self._delete_and_wait(self.job_name, log)
+            if self._streams is not None:  # the stopped ranks' last lines (e.g. a SIGTERM checkpoint)
+                self._streams.join(5.0)
+            if attempt == attempts:
+                message = f"{cmd.stage}: {where}; giving up"
+                log(message)
+                log(_summary(cmd.stage, code, attempt, self.restarts))
+                raise StageRestartsExhausted(message, code, list(self.restarts))
+            self.restarts.append(where)
+            log(f"restart {attempt}/{self.cfg.max_restarts} of {cmd.stage}: {where}; "
+                f"attempt {attempt + 1} (a new Job, all ranks) resumes from the last checkpoint")
+        raise AssertionError("unreachable")
+
+    def _attempt(self, cmd: "StageCommand", attempt: int, log: Callable[[str], None]) -> tuple[int, str | None]:
+        """One Job with all ranks. (code, None) when finished for good, (code, cause) when a rank was lost."""
         ns, job_name = self.cfg.namespace, new_job_name(cmd.stage, cmd.run_id)
         job = render_job(self.cfg, job_name, cmd.stage, list(cmd.args), cmd.run_id, dict(cmd.env), self.owner)
+        job["metadata"].setdefault("labels", {})[ATTEMPT_KEY] = str(attempt)
+        job["metadata"].setdefault("annotations", {})[ATTEMPT_KEY] = str(attempt)
         created = self._call("create", "jobs.batch", self.batch.create_namespaced_job, ns, job, name=job_name,
                              on_conflict=lambda: self.batch.read_namespaced_job(job_name, ns))
         self.job_name = job_name
+        self.jobs.append(job_name)
         try:
             self._create_service(job_name, cmd, created.metadata.uid)
-            log(f"created Job {ns}/{job_name}: {self.cfg.nodes} node(s) x "
-                f"{max(self.cfg.gpus_per_node, 1)} device(s)")
-            return self._wait(job_name, log)
+            log(f"created Job {ns}/{job_name} (attempt {attempt} of {self.cfg.max_restarts + 1}): "
+                f"{self.cfg.nodes} node(s) x {max(self.cfg.gpus_per_node, 1)} device(s)")
+            return self._wait(job_name, cmd.stage, log)
         except BaseException:
-            # Cancellation, Ctrl-C, or an API error mid-run: no pod may outlive its flow run.
+            # Cancellation, Ctrl-C, a pending timeout or an API error mid-run: no pod may outlive its flow run.
             log(f"deleting Job {ns}/{job_name} and its pods")
             delete_job(self.batch, self.core, ns, job_name, log)
             raise
+
+    def _delete_and_wait(self, job_name: str, log: Callable[[str], None]) -> None:
+        """Foreground delete, then wait until the Job (and so each of its pods) is gone."""
+        ns = self.cfg.namespace
+        delete_job(self.batch, self.core, ns, job_name, log)
+        deadline = time.monotonic() + self.cfg.termination_grace_seconds + 60
+        while time.monotonic() < deadline:
+            try:
+                self.batch.read_namespaced_job(job_name, ns)
+            except ApiException as err:
+                if err.status == 404:
+                    return
+            except TransportError:
+                pass
+            if self._cancelled.wait(min(self.cfg.poll_seconds, 0.5)):
+                raise LaunchCancelled(f"stage Job {ns}/{job_name} cancelled")
+        log(f"Job {ns}/{job_name} still terminating after {self.cfg.termination_grace_seconds + 60} s; "
+            f"starting the next attempt anyway")
 
     def _create_service(self, job_name: str, cmd: "StageCommand", job_uid: str) -> None:
         svc = render_service(self.cfg, job_name, cmd.stage, cmd.run_id)
@@ -177,23 +255,73 @@ class KubernetesLauncher:
         self._call("create", "services", self.core.create_namespaced_service, self.cfg.namespace, svc,
                    name=job_name, on_conflict=lambda: None)
 
-    def _wait(self, job_name: str, log: Callable[[str], None]) -> int:
-        streams = _LogStreams(self.core, self.cfg.namespace, Path(self.cfg.log_dir) / job_name, log)
+    def _wait(self, job_name: str, stage: str, log: Callable[[str], None]) -> tuple[int, str | None]:
+        streams = self._streams = _LogStreams(self.core, self.cfg.namespace, Path(self.cfg.log_dir) / job_name, log)
         waiting_seen: set[tuple[str, str]] = set()
+        seen: dict[str, k8s.V1Pod] = {}  # last state of every pod: a lost pod may vanish before the Job fails
+        pending_since: dict[str, float] = {}
         while True:
             pods = self._call("list", "pods", self.core.list_namespaced_pod, self.cfg.namespace,
                               label_selector=f"{JOB_LABEL}={job_name}").items
+            seen.update((p.metadata.name, p) for p in pods)
             streams.follow(pods)
             _report_waiting(pods, waiting_seen, log)
             job = self._call("get", "jobs.batch", self.batch.read_namespaced_job,
                              job_name, self.cfg.namespace, name=job_name)
-            outcome = _outcome(job, pods)
+            outcome = _outcome(job, list(seen.values()), job_name)
             if outcome is not None:
-                streams.join()
-                log(f"Job {job_name} finished: exit code {outcome}")
+                code, cause = outcome
+                if cause is None:  # a lost rank's group is joined once deleted: restart without waiting on it
+                    streams.join()
+                log(f"Job {job_name} finished: exit code {code}" + (f" ({cause})" if cause else ""))
                 return outcome
+            self._check_pending(pods, pending_since, stage, job_name)
             if self._cancelled.wait(self.cfg.poll_seconds):
                 raise LaunchCancelled(f"stage Job {self.cfg.namespace}/{job_name} cancelled")
+
+    def _check_pending(self, pods: list[k8s.V1Pod], since: dict[str, float], stage: str, job_name: str) -> None:
+        now, limit = time.monotonic(), self.cfg.pending_timeout_seconds
+        for pod in pods:
+            name = pod.metadata.name
+            if pod.status.phase != "Pending" or pod.metadata.deletion_timestamp:
+                since.pop(name, None)
+                continue
+            started = since.setdefault(name, now)
+            if now - started >= limit:
+                rank = _rank(pod, job_name)
+                raise StagePendingTimeout(
+                    f"{stage}: rank {rank} (pod {name}) still Pending after {limit:g} s: "
+                    f"{_pending_reason(pod)}; Job {self.cfg.namespace}/{job_name} deleted")
+
+
+def _summary(stage: str, code: int, attempts: int, restarts: list[str]) -> str:
+    causes = "; ".join(f"restart {i}: {c}" for i, c in enumerate(restarts, 1)) or "none"
+    return f"{stage}: exit code {code} after {attempts} attempt(s), {len(restarts)} restart(s) ({causes})"
+
+
+def _one_line(text: str | None) -> str:
+    return " ".join((text or "").split())
+
+
+def _pending_reason(pod: k8s.V1Pod) -> str:
+    """The scheduler's message (Unschedulable) or the kubelet's waiting reason, as one line."""
+    for c in pod.status.conditions or []:
+        if c.type == "PodScheduled" and c.status == "False":
+            return _one_line(c.message or c.reason or "Unschedulable")
+    for s in pod.status.container_statuses or []:
+        if s.state and s.state.waiting and s.state.waiting.reason:
+            return _one_line(f"{s.state.waiting.reason}: {s.state.waiting.message or ''}").rstrip(": ")
+    return "Pending (no reason reported yet)"
+
+
+def _rank(pod: k8s.V1Pod | None, job_name: str, pod_name: str | None = None) -> str:
+    if pod is not None:
+        index = (pod.metadata.annotations or {}).get(COMPLETION_INDEX_ANNOTATION)
+        if index is not None:
+            return index
+        pod_name = pod.metadata.name
+    match = re.match(rf"{re.escape(job_name)}-(\d+)-", pod_name or "")
+    return match.group(1) if match else "?"
 
 
 def _report_waiting(pods: list[k8s.V1Pod], seen: set[tuple[str, str]], log: Callable[[str], None]) -> None:
@@ -209,19 +337,79 @@ def _report_waiting(pods: list[k8s.V1Pod], seen: set[tuple[str, str]], log: Call
                 log(f"pod {pod.metadata.name} waiting: {reason}")
 
 
-def _outcome(job: k8s.V1Job, pods: list[k8s.V1Pod]) -> int | None:
-    """None while running; else 0, 2 (exit 2 ended it) or the failed pod's exit code."""
+def _exit_code(pod: k8s.V1Pod) -> int | None:
+    for s in pod.status.container_statuses or []:
+        if s.name == CONTAINER_NAME and s.state and s.state.terminated:
+            return s.state.terminated.exit_code
+    return None
+
+
+def _disruption(pod: k8s.V1Pod) -> str | None:
+    for c in pod.status.conditions or []:
+        if c.type == "DisruptionTarget" and c.status == "True":
+            return c.reason or "DisruptionTarget"
+    return None
+
+
+def _outcome(job: k8s.V1Job, pods: list[k8s.V1Pod], job_name: str) -> tuple[int, str | None] | None:
+    """None while running; (0 | 2 | code, None) when done for good; (code, cause) when a rank was lost.
+
+    `pods` is every pod seen during the attempt (a lost pod may be gone by the time the Job fails).
+    """
     conditions = {c.type: c for c in (job.status.conditions or []) if c.status == "True"}
     if "Complete" in conditions:
-        return 0
+        return 0, None
     if "Failed" not in conditions:
         return None
-    codes = [s.state.terminated.exit_code for p in pods for s in (p.status.container_statuses or [])
-             if s.name == CONTAINER_NAME and s.state and s.state.terminated
-             and s.state.terminated.exit_code]
-    if 2 in codes or conditions["Failed"].reason == "PodFailurePolicy":
-        return 2
-    return codes[-1] if codes else 1
+    failed = conditions["Failed"]
+    by_name = {p.metadata.name: p for p in pods}
+    codes = {p.metadata.name: _exit_code(p) for p in pods}
+    if failed.reason == "PodFailurePolicy":
+        # "... pod <ns>/<name> ... matching FailJob rule at index <i>": which rule, which pod.
+        match = re.search(r"[Pp]od [^/\s]+/(\S+?)[\s,]", failed.message or "")
+        rule = re.search(r"rule at index (\d+)", failed.message or "")
+        rules = (job.spec.pod_failure_policy.rules if job.spec.pod_failure_policy else []) or []
+        hit = rules[int(rule.group(1))] if rule and int(rule.group(1)) < len(rules) else None
+        name = match.group(1) if match else None
+        if hit is not None and hit.on_exit_codes is not None:
+            return 2, None  # exit 2: bad config or data, never restarted
+        if hit is not None and hit.on_pod_conditions:
+            pod = by_name.get(name)
+            kind = hit.on_pod_conditions[0].type
+            reason = (pod is not None and _disruption(pod)) or None
+            return codes.get(name) or 143, (f"rank {_rank(pod, job_name, name)} lost "
+                                            f"({kind}{': ' + reason if reason and reason != kind else ''})")
+    if 2 in codes.values():
+        return 2, None
+    if failed.reason == "DeadlineExceeded":
+        # The stage's own time limit: a new attempt would only run past it again.
+        nonzero = [c for c in codes.values() if c]
+        return (nonzero[-1] if nonzero else 1), None
+    # A rank failed on its own (crash, OOM kill, lost node): the first one not stopped by the Job controller.
+    disrupted = [p for p in pods if _disruption(p)]
+    if disrupted:
+        pod = disrupted[0]
+        return codes.get(pod.metadata.name) or 143, (f"rank {_rank(pod, job_name)} lost "
+                                                     f"(DisruptionTarget: {_disruption(pod)})")
+    crashed = sorted((p for p in pods if codes.get(p.metadata.name)),
+                     key=lambda p: (p.metadata.deletion_timestamp is not None, _finished_at(p)))
+    if crashed:
+        pod = crashed[0]
+        term = next(s.state.terminated for s in pod.status.container_statuses if s.name == CONTAINER_NAME)
+        why = f", {term.reason}" if term.reason and term.reason != "Error" else ""
+        return term.exit_code, f"rank {_rank(pod, job_name)} exited {term.exit_code}{why}"
+    lost = [p for p in pods if p.status.phase == "Failed"]
+    if lost:
+        pod = lost[0]
+        return 1, f"rank {_rank(pod, job_name)} lost ({pod.status.reason or 'Failed'}: {_one_line(pod.status.message)})"
+    return 1, f"Job failed ({failed.reason}: {_one_line(failed.message)})"
+
+
+def _finished_at(pod: k8s.V1Pod) -> str:
+    for s in pod.status.container_statuses or []:
+        if s.state and s.state.terminated and s.state.terminated.finished_at:
+            return str(s.state.terminated.finished_at)
+    return "~"
 
 
 class _LogStreams:

@@ -64,7 +64,7 @@ def test_two_node_ddp_stages_through_kubernetes(standin_cluster, flow_env, s3, t
     assert state.is_completed(), state
     result = state.result()
     assert result["stages"] == {s: "ran" for s in ("prepare", "pretrain", "finetune", "evaluate")}
-    summary = json.loads(s3.fs.cat(f"{s3.bucket}/artifacts/models/pretrain/summary.json"))
+    summary = json.loads(s3.fs.cat(f"{_keyed(s3, 'pretrain')}/summary.json"))
     assert summary["world_size"] == 2
     assert [r[3] for r in standin_cluster.requests("delete", "jobs")] == [orphan]
     assert s3.fs.exists(f"{s3.bucket}/registry/champion.json")
@@ -80,6 +80,29 @@ def test_two_node_ddp_stages_through_kubernetes(standin_cluster, flow_env, s3, t
         assert any(m.startswith(f"[rank {rank}]") and "world_size=2" in m and f"global_rank={rank}" in m
                    for m in messages), f"no world_size=2 line from rank {rank} in the Prefect task logs"
     assert (tmp_path / "pod-logs").exists() and any((tmp_path / "pod-logs").rglob("rank-1.log"))
+
+    # Unchanged stages never relaunch: only a finetune param changed -> only finetune and evaluate run;
+    # then the same inputs again -> no stage Job at all (outputs stay under their keys on S3).
+    def launched(before: set[str]) -> list[str]:
+        new = [j for j in standin_cluster.jobs() if j["metadata"]["name"] not in before]
+        return sorted(j["metadata"]["labels"]["pipeline.example/stage"] for j in new)
+
+    for extra, expected in ((["finetune.epochs=3"], ["evaluate", "finetune"]), (["finetune.epochs=3"], [])):
+        before = {j["metadata"]["name"] for j in standin_cluster.jobs()}
+        again = train(params.model_copy(update={"extra_overrides": [*params.extra_overrides, *extra]}),
+                      return_state=True)
+        assert again.is_completed(), again
+        assert launched(before) == expected
+        stages = again.result()["stages"]
+        assert sorted(s for s, outcome in stages.items() if outcome == "ran") == expected
+        assert {outcome for s, outcome in stages.items() if s not in expected} == {"restored"}
+    messages = [log.message for log in logs_of(again.state_details.flow_run_id)]
+    assert any(m.startswith("pretrain: restored from the stage cache (key ") for m in messages)
+
+
+def _keyed(s3, stage: str) -> str:
+    (folder,) = s3.fs.ls(f"{s3.bucket}/artifacts/stages/{stage}")
+    return f"{folder}/{stage}"
 
 
 def test_kubernetes_launcher_refuses_pod_local_artifacts_and_registry(standin_cluster, flow_env):

@@ -18,7 +18,8 @@ from kubernetes import client as k8s
 from pipeline.launch import StageCommand
 from pipeline.launch.k8s_manifests import KubernetesLaunchConfig, render_job
 from pipeline.launch.kubernetes import (
-    KubernetesLauncher, KubernetesLaunchError, LaunchCancelled, cleanup_orphans, delete_jobs_for_run,
+    KubernetesLauncher, KubernetesLaunchError, LaunchCancelled, StageRestartsExhausted, cleanup_orphans,
+    delete_jobs_for_run,
 )
 from tests.k8s_standin import k8s_standin  # noqa: F401  (pytest fixture)
 
@@ -76,18 +77,22 @@ def test_two_pods_rendezvous_through_pod0_dns_and_stream_ranked_logs(k8s_standin
 
 
 def test_exit_2_fails_the_job_at_once_without_retry(k8s_standin, tmp_path):
-    launcher = KubernetesLauncher(_cfg(tmp_path, backoff_limit=3), k8s_standin.api_client())
+    launcher = KubernetesLauncher(_cfg(tmp_path, max_restarts=3), k8s_standin.api_client())
     assert launcher.run(_cmd("exit:2"), Lines()) == 2
-    assert len(k8s_standin.processes()) == 1
+    assert len(k8s_standin.processes()) == 1 and launcher.restarts == []
     (job,) = k8s_standin.jobs()
     assert job["status"]["conditions"][0]["reason"] == "PodFailurePolicy"
 
 
-def test_infra_failures_are_retried_within_backoff_limit(k8s_standin, tmp_path):
-    launcher = KubernetesLauncher(_cfg(tmp_path, backoff_limit=1), k8s_standin.api_client())
+def test_infra_failures_restart_as_new_attempts_within_max_restarts(k8s_standin, tmp_path):
+    launcher = KubernetesLauncher(_cfg(tmp_path, max_restarts=1), k8s_standin.api_client())
     assert launcher.run(_cmd(f"crash-once:{tmp_path / 'marker'}"), Lines()) == 0
-    assert len(k8s_standin.processes()) == 2
-    assert launcher.run(_cmd("exit:3"), Lines()) == 3  # 1 try + 1 retry, then BackoffLimitExceeded
+    assert len(k8s_standin.processes()) == 2 and len(launcher.jobs) == 2
+    assert launcher.restarts == ["rank 0 exited 1 on attempt 1 of 2"]
+    with pytest.raises(StageRestartsExhausted) as caught:  # 1 try + 1 restart, then it gives up
+        launcher.run(_cmd("exit:3"), Lines())
+    assert str(caught.value) == "pretrain: rank 0 exited 3 on attempt 2 of 2; giving up"
+    assert caught.value.exit_code == 3 and isinstance(caught.value, KubernetesLaunchError)
     assert len(k8s_standin.processes()) == 4
 
 
@@ -112,9 +117,9 @@ def test_cancel_deletes_job_service_and_pods_and_kills_processes(k8s_standin, tm
     assert all(p.poll() is not None for p in k8s_standin.processes())
 
 
-def test_evicted_pod_is_replaced_and_resumes_from_checkpoint(k8s_standin, tmp_path):
+def test_evicted_single_pod_restarts_as_a_new_attempt_and_resumes(k8s_standin, tmp_path):
     checkpoint = tmp_path / "step.ckpt"
-    launcher = KubernetesLauncher(_cfg(tmp_path, backoff_limit=0), k8s_standin.api_client())
+    launcher = KubernetesLauncher(_cfg(tmp_path, max_restarts=1), k8s_standin.api_client())
     log, outcome = Lines(), {}
     thread = threading.Thread(target=lambda: outcome.update(code=launcher.run(_cmd(f"steps:15:{checkpoint}"), log)))
     thread.start()
@@ -122,12 +127,16 @@ def test_evicted_pod_is_replaced_and_resumes_from_checkpoint(k8s_standin, tmp_pa
     (pod,) = k8s_standin.pods()
     k8s_standin.evict(pod["metadata"]["name"])
     thread.join(60)
-    # backoffLimit 0: only the podFailurePolicy Ignore rule can explain the replacement.
+    # backoffLimit 0, DisruptionTarget -> FailJob: the launcher's new attempt (a new Job) resumes.
     assert outcome == {"code": 0}
     text = log.text()
     assert "resumed from step" in text and "finished total_steps=15" in text
     assert len(k8s_standin.processes()) == 2
     assert k8s_standin.processes()[0].returncode == 143
+    assert len(launcher.restarts) == 1 and launcher.restarts[0].startswith("rank 0 lost (DisruptionTarget")
+    assert "restart 1/1 of pretrain: rank 0 lost (DisruptionTarget" in text
+    assert [j["metadata"]["name"] for j in k8s_standin.jobs()] == [launcher.jobs[1]]
+    assert k8s_standin.jobs()[0]["metadata"]["labels"]["pipeline.example/attempt"] == "2"
 
 
 def test_forbidden_names_the_permission_and_is_not_retried(k8s_standin, tmp_path):

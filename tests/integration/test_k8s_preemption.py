@@ -1,8 +1,9 @@
 """Preemption of a real pretrain stage on the Kubernetes API stand-in.
 
-The evicted pod gets SIGTERM (as the kubelet sends it), checkpoints and exits 143; the Job's
-podFailurePolicy ignores the disruption and the replacement pod resumes from the checkpoint
-on shared storage. The stage ends with exactly the configured number of steps.
+The evicted pod gets SIGTERM (as the kubelet sends it) and exits 143; the Job's podFailurePolicy
+fails the Job on the disruption (its controller stops the other ranks), and the launcher starts a
+new attempt, a new Job with all ranks, that resumes from the checkpoint on shared storage. The
+stage ends with exactly the configured number of steps.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ LONG_TINY = ["pretrain.epochs=2", "pretrain.glyphs_per_class=100", "pretrain.bat
              "trainer.log_every_n_steps=1"]
 
 
-def _run_and_evict(standin, tmp_path, nodes: int, evict_index: int) -> tuple[int, str, dict]:
+def _run_and_evict(standin, tmp_path, nodes: int, evict_index: int) -> tuple[int, str, dict, KubernetesLauncher]:
     root = tmp_path / "artifacts"
     sets = [*LONG_TINY, f"paths.root={root}"]
     from pipeline.config import load_config
@@ -36,7 +37,7 @@ def _run_and_evict(standin, tmp_path, nodes: int, evict_index: int) -> tuple[int
     stage_runner("prepare")(load_config(PARAMS, sets))
     cfg = KubernetesLaunchConfig(namespace="ml", image="registry.example/pipeline:test", nodes=nodes,
                                  poll_seconds=0.3, log_dir=str(tmp_path / "logs"), termination_grace_seconds=20,
-                                 backoff_limit=3)
+                                 max_restarts=3)
     launcher = KubernetesLauncher(cfg, standin.api_client())
     log, outcome = Lines(), {}
     command = StageCommand("pretrain", args=[part for s in sets for part in ("--set", s)], run_id="preempt")
@@ -48,12 +49,13 @@ def _run_and_evict(standin, tmp_path, nodes: int, evict_index: int) -> tuple[int
     standin.evict(victim["metadata"]["name"])
     thread.join(300)
     summary = json.loads((root / "models" / "pretrain" / "summary.json").read_text())
-    return outcome.get("code"), log.text(), summary
+    return outcome.get("code"), log.text(), summary, launcher
 
 
 def test_single_node_eviction_resumes_to_the_configured_steps(k8s_standin, tmp_path):  # noqa: F811
-    code, text, summary = _run_and_evict(k8s_standin, tmp_path, nodes=1, evict_index=0)
+    code, text, summary, launcher = _run_and_evict(k8s_standin, tmp_path, nodes=1, evict_index=0)
     assert code == 0, text[-3000:]
+    assert len(launcher.jobs) == 2 and launcher.restarts[0].startswith("rank 0 lost (DisruptionTarget")
     assert re.search(r"SIGTERM at step \d+: saved", text), "the evicted pod did not checkpoint"
     resumed = re.search(r"resuming from \S+ at step (\d+)", text)
     assert resumed and int(resumed.group(1)) >= 10
@@ -62,9 +64,10 @@ def test_single_node_eviction_resumes_to_the_configured_steps(k8s_standin, tmp_p
 
 
 def test_two_node_eviction_of_one_rank_resumes_both(k8s_standin, tmp_path):  # noqa: F811
-    """Rank 1 is preempted; rank 0's collective fails fast, both pods are replaced and resume."""
-    code, text, summary = _run_and_evict(k8s_standin, tmp_path, nodes=2, evict_index=1)
+    """Rank 1 is preempted; the Job fails at once, its controller stops rank 0, and a new Job runs both ranks."""
+    code, text, summary, launcher = _run_and_evict(k8s_standin, tmp_path, nodes=2, evict_index=1)
     assert code == 0, text[-3000:]
+    assert len(launcher.jobs) == 2 and launcher.restarts[0].startswith("rank 1 lost (DisruptionTarget")
     resumed = re.search(r"resuming from \S+ at step (\d+)", text)
     assert resumed and int(resumed.group(1)) >= 5
     total = int(re.search(r"total_steps=(\d+)", text).group(1))

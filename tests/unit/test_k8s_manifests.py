@@ -56,8 +56,10 @@ def test_job_failure_policy_lifetime_and_security():
     _, job, _ = _render(GPU)
     spec, pod = job["spec"], job["spec"]["template"]["spec"]
     rules = spec["podFailurePolicy"]["rules"]
-    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
-    assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["values"] == [2]
+    # Any lost pod ends the attempt at once (the launcher restarts the whole group); exit 2 never restarts.
+    assert spec["backoffLimit"] == 0
+    assert rules[0]["action"] == "FailJob" and rules[0]["onExitCodes"]["values"] == [2]
+    assert rules[1] == {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     assert pod["restartPolicy"] == "Never" and spec["activeDeadlineSeconds"] > 0
     assert spec["ttlSecondsAfterFinished"] >= 0
     assert pod["automountServiceAccountToken"] is False
@@ -86,3 +88,61 @@ def test_config_rejects_unpinned_images_and_reads_overlay_env(monkeypatch):
     monkeypatch.setenv("PIPELINE_K8S_CONFIG", '{"nodes": 4, "gpus_per_node": 8}')
     cfg = KubernetesLaunchConfig.from_env(nodes=2)
     assert (cfg.nodes, cfg.gpus_per_node) == (2, 8)
+
+
+CONVENTIONS = GPU.model_copy(update={
+    "queue_name": "gpu-h100", "priority_class_name": "training-high", "image_pull_secrets": ["registry", "mirror"],
+    "extra_labels": {"team": "vision", "example.com/cost-center": "ml-42"},
+    "extra_annotations": {"example.com/owner": "Vision team <vision@example.com>"}, "guaranteed_qos": True})
+
+
+@pytest.mark.parametrize("version", [K8S_SCHEMA_VERSION, "1.37.0"])
+def test_cluster_conventions_validate_strictly(version):
+    _, job, svc = _render(CONVENTIONS)
+    kubernetes_validate.validate(job, version, strict=True)
+    kubernetes_validate.validate(svc, version, strict=True)
+
+
+def test_cluster_conventions_are_rendered():
+    name, job, svc = _render(CONVENTIONS)
+    meta, pod = job["metadata"], job["spec"]["template"]
+    # Kueue: the queue label on the Job, created suspended so Kueue admits every pod at once.
+    assert meta["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-h100" and job["spec"]["suspend"] is True
+    assert "kueue.x-k8s.io/queue-name" not in pod["metadata"]["labels"]
+    assert pod["spec"]["priorityClassName"] == "training-high"
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "registry"}, {"name": "mirror"}]
+    for labels in (meta["labels"], pod["metadata"]["labels"], svc["metadata"]["labels"]):
+        assert labels["team"] == "vision" and labels["pipeline.example/job"] == name
+    assert meta["annotations"] == pod["metadata"]["annotations"] == CONVENTIONS.extra_annotations
+    resources = pod["spec"]["containers"][0]["resources"]
+    assert resources["requests"] == resources["limits"] == {"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": "8"}
+    _, plain, _ = _render(GPU)
+    assert "suspend" not in plain["spec"] and "annotations" not in plain["metadata"]
+    assert not {"priorityClassName", "imagePullSecrets"} & set(plain["spec"]["template"]["spec"])
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"queue_name": "gpu queue"}, "not a valid label value"),
+    ({"queue_name": ""}, "must not be empty"),
+    ({"priority_class_name": "High_Priority"}, "not a valid object name"),
+    ({"image_pull_secrets": ["Registry"]}, "not a valid object name"),
+    ({"extra_labels": {"pipeline.example/stage": "x"}}, "reserved"),
+    ({"extra_labels": {"app.kubernetes.io/managed-by": "me"}}, "reserved"),
+    ({"extra_labels": {"kueue.x-k8s.io/queue-name": "q"}}, "use queue_name"),
+    ({"extra_labels": {"team": "a b"}}, "not a valid label value"),
+    ({"extra_labels": {"-team": "a"}}, "not a valid key"),
+    ({"extra_annotations": {"batch.kubernetes.io/job-completion-index": "0"}}, "reserved"),
+    ({"guaranteed_qos": True, "memory_request": "1Gi", "memory_limit": "2Gi"}, "memory_request '1Gi' differs"),
+    ({"light": {"cpu": "1"}}, "Extra inputs"),
+    ({"kueue": True}, "Extra inputs"),
+])
+def test_cluster_convention_fields_are_validated(settings, message):
+    with pytest.raises(ValueError, match=message):
+        KubernetesLaunchConfig(**settings)
+
+
+def test_guaranteed_qos_accepts_equal_or_omitted_requests():
+    cfg = KubernetesLaunchConfig(guaranteed_qos=True, cpu_request="4", cpu_limit="4", memory_limit="8Gi")
+    _, job, _ = _render(cfg)
+    resources = job["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources["requests"] == resources["limits"] == {"cpu": "4", "memory": "8Gi"}

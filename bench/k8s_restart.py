@@ -1,0 +1,102 @@
+"""Group restart on the Kubernetes API stand-in: from one rank's eviction to all ranks running again.
+
+    python -m bench.k8s_restart                  # 2 nodes, 5 evictions, fake stage (seconds)
+    python -m bench.k8s_restart --nodes 4 --repeats 10 --poll 2.0
+
+Method. The stand-in (tests/k8s_standin) runs an N-node stage of tests/k8s_standin/fake_stage.py
+in `steps` mode (one step every 0.2 s, a checkpoint file after every step, SIGTERM -> exit 143),
+launched by KubernetesLauncher with `poll_seconds`. Once all ranks run, rank N-1 is evicted
+(DisruptionTarget, graceful delete) and the clock measures:
+- stopped: eviction -> every process of the attempt has exited (the Job controller's FailJob);
+- running again: eviction -> every rank of the next attempt (a new Job) is Running;
+Steps lost are measured on the real 2-node pretrain (tests/integration/test_k8s_group_restart.py,
+run with -s): the fake stage checkpoints every step, so it would always show 0.
+Medians over --repeats evictions of one launch (max_restarts = repeats). What the stand-in cannot
+show: real scheduling and image pull of the new pods, NCCL start-up, a real grace period.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from pipeline.launch import StageCommand
+from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
+from pipeline.launch.kubernetes import KubernetesLauncher
+from tests.k8s_standin.fixture import REPO_ROOT, StandIn
+
+INDEX = "batch.kubernetes.io/job-completion-index"
+JOB = "pipeline.example/job"
+
+
+def _wait(predicate, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise TimeoutError("bench: condition not reached")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--poll", type=float, default=0.5, help="launcher poll_seconds")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(scratch)
+        standin = StandIn(REPO_ROOT, tmp / "pods", secrets={"s3-credentials": {}})
+        checkpoint = tmp / "step.ckpt"
+        cfg = KubernetesLaunchConfig(namespace="ml", image="registry.example/pipeline:bench", nodes=args.nodes,
+                                     command=["python", "-m", "tests.k8s_standin.fake_stage"],
+                                     poll_seconds=args.poll, log_dir=str(tmp / "logs"), termination_grace_seconds=3,
+                                     max_restarts=args.repeats)
+        launcher = KubernetesLauncher(cfg, standin.api_client())
+        cmd = StageCommand("pretrain", [], {"FAKE_MODE": f"steps:100000:{checkpoint}"}, "bench-restart")
+        thread = threading.Thread(target=lambda: _swallow(launcher, cmd), daemon=True)
+        thread.start()
+        stopped, running = [], []
+        try:
+            for _ in range(args.repeats):
+                pods = _wait(lambda: _all_running(standin, args.nodes))
+                job = pods[0]["metadata"]["labels"][JOB]
+                procs = [p for p in standin.processes() if p.poll() is None]
+                time.sleep(1.0)  # a few steps into the attempt
+                victim = next(p for p in pods if p["metadata"]["annotations"][INDEX] == str(args.nodes - 1))
+                t0 = time.monotonic()
+                standin.evict(victim["metadata"]["name"])
+                _wait(lambda: all(p.poll() is not None for p in procs))
+                stopped.append(time.monotonic() - t0)
+                _wait(lambda: _all_running(standin, args.nodes, exclude=job))
+                running.append(time.monotonic() - t0)
+        finally:
+            launcher.cancel()
+            thread.join(30)
+            standin.close()
+    print(f"nodes={args.nodes} poll_seconds={args.poll} evictions={args.repeats}")
+    print(f"eviction -> attempt's ranks all stopped: median {statistics.median(stopped):.2f} s "
+          f"(max {max(stopped):.2f})")
+    print(f"eviction -> next attempt's ranks all Running: median {statistics.median(running):.2f} s "
+          f"(max {max(running):.2f})")
+
+
+def _all_running(standin: StandIn, nodes: int, exclude: str | None = None) -> list[dict] | None:
+    pods = [p for p in standin.pods() if p["status"]["phase"] == "Running"
+            and not p["metadata"].get("deletionTimestamp") and p["metadata"]["labels"][JOB] != exclude]
+    return pods if len(pods) == nodes and len({p["metadata"]["labels"][JOB] for p in pods}) == 1 else None
+
+
+def _swallow(launcher: KubernetesLauncher, cmd: StageCommand) -> None:
+    try:
+        launcher.run(cmd, log=lambda _: None)
+    except BaseException:  # noqa: BLE001 - cancelled at the end of the bench
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""The group restarts as one, and stuck pods fail fast (KubernetesLauncher on the API stand-in).
+
+Losing any rank (eviction = DisruptionTarget, a crash) fails the attempt's Job at once
+(backoffLimit 0, podFailurePolicy FailJob), its controller stops the surviving ranks, and the
+launcher starts a new Job with all ranks that resumes from the last checkpoint, up to
+max_restarts; then it gives up with one line and leaves nothing running. A pod Pending past
+pending_timeout_seconds deletes the Job and raises StagePendingTimeout with the scheduler's reason.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.launch import StageCommand
+from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
+from pipeline.launch.kubernetes import (
+    KubernetesLauncher, KubernetesLaunchError, StagePendingTimeout, StageRestartsExhausted,
+)
+from tests.k8s_standin import k8s_standin  # noqa: F401  (pytest fixture)
+
+FAKE = ["python", "-m", "tests.k8s_standin.fake_stage"]
+INDEX = "batch.kubernetes.io/job-completion-index"
+JOB = "pipeline.example/job"
+
+
+class TimedLines:
+    """Thread-safe log collector that remembers when each line arrived."""
+
+    def __init__(self):
+        self.lock, self.lines = threading.Lock(), []
+
+    def __call__(self, line: str) -> None:
+        with self.lock:
+            self.lines.append((time.monotonic(), line))
+
+    def text(self) -> str:
+        with self.lock:
+            return "\n".join(line for _, line in self.lines)
+
+    def first(self, pattern: str, after: float = 0.0) -> tuple[float, re.Match] | None:
+        with self.lock:
+            for at, line in self.lines:
+                match = re.search(pattern, line)
+                if at >= after and match:
+                    return at, match
+        return None
+
+
+def wait_for(predicate, what: str, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _fake_cfg(tmp_path: Path, **overrides) -> KubernetesLaunchConfig:
+    base = dict(namespace="ml", image="registry.example/pipeline:test", command=FAKE, poll_seconds=0.2,
+                log_dir=str(tmp_path / "logs"), termination_grace_seconds=3)
+    return KubernetesLaunchConfig(**{**base, **overrides})
+
+
+def _fake_cmd(mode: str) -> StageCommand:
+    return StageCommand(stage="pretrain", args=["--set", "pretrain.max_steps=8"], env={"FAKE_MODE": mode},
+                        run_id="restart-run")
+
+
+def _running(standin, job_name: str | None = None, exclude: str | None = None) -> list[dict]:
+    return [p for p in standin.pods() if p["status"]["phase"] == "Running"
+            and not p["metadata"].get("deletionTimestamp")
+            and (job_name is None or p["metadata"]["labels"][JOB] == job_name)
+            and (exclude is None or p["metadata"]["labels"][JOB] != exclude)]
+
+
+def _rank_pod(pods: list[dict], rank: int) -> dict:
+    return next(p for p in pods if p["metadata"]["annotations"][INDEX] == str(rank))
+
+
+def _start(launcher, cmd, log) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["code"] = launcher.run(cmd, log)
+        except BaseException as err:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+# ---- fast: tests/k8s_standin/fake_stage.py ----------------------------------------------------
+
+def test_evicting_one_rank_stops_the_group_and_restarts_all_ranks_as_a_new_job(k8s_standin, tmp_path):  # noqa: F811
+    launcher = KubernetesLauncher(_fake_cfg(tmp_path, nodes=2, max_restarts=2), k8s_standin.api_client())
+    log = TimedLines()
+    thread, outcome = _start(launcher, _fake_cmd("sleep:600"), log)
+    first = wait_for(lambda: len(pods := _running(k8s_standin)) == 2 and pods, "2 running ranks")
+    first_job = first[0]["metadata"]["labels"][JOB]
+    evicted_at = time.monotonic()
+    k8s_standin.evict(_rank_pod(first, 1)["metadata"]["name"])
+    # The surviving rank 0 is stopped by the Job controller (FailJob), not left in its collective.
+    survivor = [p for p in k8s_standin.processes()[:2]]
+    wait_for(lambda: all(p.poll() is not None for p in survivor), "both ranks of attempt 1 stopped", 15)
+    stopped_at = time.monotonic()
+    second = wait_for(lambda: len(pods := _running(k8s_standin, exclude=first_job)) == 2 and pods,
+                      "attempt 2 running both ranks", 30)
+    running_again_at = time.monotonic()
+    second_job = second[0]["metadata"]["labels"][JOB]
+    assert second_job != first_job and launcher.jobs == [first_job, second_job]
+    assert not [p for p in k8s_standin.pods() if p["metadata"]["labels"][JOB] == first_job]
+    assert {j["metadata"]["name"] for j in k8s_standin.jobs()} == {second_job}
+    (job2,) = k8s_standin.jobs()
+    assert job2["metadata"]["labels"]["pipeline.example/attempt"] == "2"
+    assert launcher.restarts[0].startswith("rank 1 lost (DisruptionTarget")
+    assert re.search(r"restart 1/2 of pretrain: rank 1 lost \(DisruptionTarget[^)]*\) on attempt 1 of 3", log.text())
+    print(f"\n[measure fake 2-rank] eviction -> all ranks of attempt 1 stopped {stopped_at - evicted_at:.2f} s; "
+          f"-> all ranks of attempt 2 Running {running_again_at - evicted_at:.2f} s")
+    launcher.cancel()
+    thread.join(30)
+    wait_for(lambda: not k8s_standin.jobs() and not k8s_standin.pods(), "Job and pods gone")
+
+
+def test_restarts_exhausted_fail_with_one_line_and_leave_nothing_running(k8s_standin, tmp_path):  # noqa: F811
+    launcher = KubernetesLauncher(_fake_cfg(tmp_path, nodes=2, max_restarts=1), k8s_standin.api_client())
+    log = TimedLines()
+    thread, outcome = _start(launcher, _fake_cmd("sleep:600"), log)
+    seen_jobs = set()
+    for _ in range(2):  # attempt 1 and attempt 2 each lose rank 1
+        pods = wait_for(lambda: len(p := _running(k8s_standin)) == 2
+                        and p[0]["metadata"]["labels"][JOB] not in seen_jobs and p, "2 running ranks", 30)
+        seen_jobs.add(pods[0]["metadata"]["labels"][JOB])
+        k8s_standin.evict(_rank_pod(pods, 1)["metadata"]["name"])
+    thread.join(60)
+    error = outcome.get("error")
+    assert isinstance(error, StageRestartsExhausted) and isinstance(error, KubernetesLaunchError), outcome
+    message = str(error)
+    assert "\n" not in message
+    assert re.fullmatch(r"pretrain: rank 1 lost \(DisruptionTarget(: EvictionByEvictionAPI)?\) "
+                        r"on attempt 2 of 2; giving up", message), message
+    assert len(error.restarts) == 1 and error.restarts == launcher.restarts
+    assert message in log.text()
+    assert re.search(r"pretrain: exit code \d+ after 2 attempt\(s\), 1 restart\(s\) \(restart 1: rank 1 lost", log.text())
+    assert k8s_standin.jobs() == [] and k8s_standin.pods() == [] and k8s_standin.services() == []
+    assert all(p.poll() is not None for p in k8s_standin.processes())
+    assert len(k8s_standin.processes()) == 4
+
+
+def test_exit_2_of_one_rank_fails_at_once_without_restart(k8s_standin, tmp_path):  # noqa: F811
+    launcher = KubernetesLauncher(_fake_cfg(tmp_path, nodes=2, max_restarts=3), k8s_standin.api_client())
+    log = TimedLines()
+    assert launcher.run(_fake_cmd("exit:2"), log) == 2
+    assert launcher.restarts == [] and len(launcher.jobs) == 1
+    assert len(k8s_standin.processes()) <= 2  # one Job's ranks, never a second attempt
+    assert "restart 1/" not in log.text() and "0 restart(s)" in log.text()
+
+
+def test_unschedulable_pod_fails_fast_with_the_schedulers_reason(k8s_standin, tmp_path):  # noqa: F811
+    # The stand-in's node has no GPU: a pod asking for one stays Pending, Unschedulable.
+    launcher = KubernetesLauncher(_fake_cfg(tmp_path, nodes=2, gpus_per_node=1, pending_timeout_seconds=2),
+                                  k8s_standin.api_client())
+    started = time.monotonic()
+    with pytest.raises(StagePendingTimeout) as caught:
+        launcher.run(_fake_cmd("ok"), TimedLines())
+    elapsed = time.monotonic() - started
+    message = str(caught.value)
+    assert "\n" not in message and isinstance(caught.value, KubernetesLaunchError)
+    assert re.match(r"pretrain: rank [01] \(pod \S+\) still Pending after 2 s: 0/1 nodes are available: "
+                    r"needs 1 nvidia\.com/gpu", message), message
+    assert 2 <= elapsed < 10, elapsed
+    wait_for(lambda: not k8s_standin.jobs() and not k8s_standin.pods(), "Job and pods gone")
+    assert k8s_standin.processes() == []
+
+
+def test_container_config_error_fails_fast_with_the_kubelets_reason(k8s_standin, tmp_path):  # noqa: F811
+    launcher = KubernetesLauncher(_fake_cfg(tmp_path, env_from_secret="no-such-secret", pending_timeout_seconds=2),
+                                  k8s_standin.api_client())
+    with pytest.raises(StagePendingTimeout,
+                       match=r"still Pending after 2 s: CreateContainerConfigError: secret \"no-such-secret\" not found"):
+        launcher.run(_fake_cmd("ok"), TimedLines())
+    wait_for(lambda: not k8s_standin.jobs() and not k8s_standin.pods(), "Job and pods gone")
+
+
+# ---- slow: a real 2-node DDP pretrain ----------------------------------------------------------
+
+# ~58 steps at world size 2: long enough to evict mid-training, checkpoints every 5 steps.
+LONG_TINY = ["pretrain.epochs=2", "pretrain.glyphs_per_class=100", "pretrain.batch_size=32",
+             "pretrain.model.width=8", "pretrain.model.depth=1", "pretrain.checkpoint_every_n_steps=5",
+             "trainer.log_every_n_steps=1"]
+CHECKPOINT_EVERY = 5
+STEP = r"\[rank 0\] \[pretrain\] step (\d+)/(\d+)"
+
+
+def _pretrain(standin, tmp_path: Path, name: str, evict_rank: int | None) -> dict:
+    """Prepare locally, then a 2-node pretrain through the launcher; optionally evict a rank at step >= 10."""
+    from pipeline.config import load_config
+    from pipeline.stages import stage_runner
+    from tests.conftest import PARAMS
+
+    root = tmp_path / name
+    sets = [*LONG_TINY, f"paths.root={root}"]
+    stage_runner("prepare")(load_config(PARAMS, sets))
+    cfg = KubernetesLaunchConfig(namespace="ml", image="registry.example/pipeline:test", nodes=2,
+                                 poll_seconds=0.3, log_dir=str(tmp_path / f"logs-{name}"),
+                                 termination_grace_seconds=20, max_restarts=2)
+    launcher = KubernetesLauncher(cfg, standin.api_client())
+    log = TimedLines()
+    command = StageCommand("pretrain", args=[part for s in sets for part in ("--set", s)], run_id=name)
+    thread, outcome = _start(launcher, command, log)
+    measured: dict = {}
+    if evict_rank is not None:
+        wait_for(lambda: log.first(r"\[pretrain\] step (1[0-9]|[2-9][0-9])/"), "10 training steps", 240)
+        pods = _running(standin)
+        first_job = pods[0]["metadata"]["labels"][JOB]
+        evicted_at = time.monotonic()
+        standin.evict(_rank_pod(pods, evict_rank)["metadata"]["name"])
+        wait_for(lambda: len(_running(standin, exclude=first_job)) == 2, "attempt 2 running both ranks", 120)
+        measured["running_again_s"] = time.monotonic() - evicted_at
+        measured["evicted_at"] = evicted_at
+    thread.join(600)
+    assert "code" in outcome, outcome
+    summary = json.loads((root / "models" / "pretrain" / "summary.json").read_text())
+    weights = torch.load(root / "models" / "pretrain" / "backbone.pt", map_location="cpu", weights_only=False)
+    return dict(code=outcome["code"], text=log.text(), log=log, summary=summary, weights=weights["backbone"],
+                launcher=launcher, **measured)
+
+
+@pytest.mark.slow
+def test_real_two_node_pretrain_evicted_rank_restarts_the_group_from_the_checkpoint(k8s_standin, tmp_path):  # noqa: F811
+    run = _pretrain(k8s_standin, tmp_path, "evicted", evict_rank=1)
+    text, log = run["text"], run["log"]
+    assert run["code"] == 0, text[-4000:]
+    launcher = run["launcher"]
+    assert len(launcher.jobs) == 2 and len(launcher.restarts) == 1, launcher.restarts
+    assert launcher.restarts[0].startswith("rank 1 lost (DisruptionTarget"), launcher.restarts
+    total = int(re.search(r"total_steps=(\d+)", text).group(1))
+    summary = run["summary"]
+    assert summary["world_size"] == 2 and summary["steps"] == total
+    resumed = int(re.search(r"resuming from \S+ at step (\d+)", text).group(1))
+    assert summary["resumed_from_step"] == resumed
+    # Steps lost: the furthest attempt 1 got minus where attempt 2 resumed, at most one checkpoint interval.
+    restart_line = log.first(r"restart 1/2 of pretrain")[0]
+    with log.lock:
+        attempt1 = [int(m.group(1)) for at, line in log.lines if at < restart_line and (m := re.search(STEP, line))]
+    lost = max(attempt1) - resumed
+    assert 0 <= lost <= CHECKPOINT_EVERY, (max(attempt1), resumed)
+    first_step = log.first(rf"\[rank 0\] \[pretrain\] step {resumed + 1}/", after=restart_line)
+    assert first_step, text[-3000:]
+    print(f"\n[measure real 2-node pretrain] eviction -> attempt 2 both ranks Running {run['running_again_s']:.1f} s; "
+          f"-> first resumed training step {first_step[0] - run['evicted_at']:.1f} s; reached step {max(attempt1)}, "
+          f"resumed at {resumed} (steps lost {lost}, checkpoint every {CHECKPOINT_EVERY}); total {total}")
+
+    reference = _pretrain(k8s_standin, tmp_path, "uninterrupted", evict_rank=None)
+    assert reference["code"] == 0 and reference["launcher"].restarts == []
+    assert reference["summary"]["steps"] == summary["steps"] == total
+    # Two uninterrupted 2-node runs are bit-identical (measured: max |difference| 0), so any difference
+    # here comes from the resume itself, not from gloo/DDP: resuming mid-epoch, Lightning restarts the
+    # epoch's (non-resumable) DataLoader at its first batch ("You're resuming from a checkpoint that
+    # ended before the epoch ended and your dataloader is not resumable"), so the steps after the
+    # checkpoint see other batches than an uninterrupted run does. Measured on the stand-in: max
+    # |difference| 0.027, relative L2 0.0026 (resume at step 10 of 30). Exact equality would need a
+    # resumable sampler in pipeline/training.py; asserted here: same steps, weights within 2% (L2).
+    diff = {k: run["weights"][k].float() - v.float() for k, v in reference["weights"].items()}
+    worst = max(d.abs().max().item() for d in diff.values())
+    rel = (sum((d ** 2).sum().item() for d in diff.values())
+           / sum((v.float() ** 2).sum().item() for v in reference["weights"].values())) ** 0.5
+    print(f"[measure real 2-node pretrain] vs uninterrupted run: max |weight difference| {worst:.3g}, "
+          f"relative L2 {rel:.3g} (best val acc {summary['best_val_accuracy']} vs "
+          f"{reference['summary']['best_val_accuracy']})")
+    assert set(diff) == set(run["weights"])
+    assert rel <= 0.02, (rel, worst)
