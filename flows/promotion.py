@@ -22,8 +22,10 @@ def champion_pointer(registry: str, name: str = CHAMPION) -> dict | None:
     return storage.read_json(uri) if storage.exists(uri) else None
 
 
-def decide(cfg: Config, outputs: dict[str, str], registry: str, run_name: str) -> dict:
-    """`outputs`: URIs of this run's `reports`, `prepared` and `release` outputs."""
+def decide(cfg: Config, outputs: dict[str, str], registry: str, run_name: str,
+           stages: dict[str, str] | None = None) -> dict:
+    """`outputs`: URIs of this run's `reports`, `prepared` and `release` outputs; `stages`: how each
+    stage was obtained (ran, restored, ran after N restarts: causes), recorded in the archived card."""
     metrics = storage.read_json(storage.join(outputs["reports"], "metrics.json"))
     challenger = metrics["test"]["accuracy"]
     champion = champion_pointer(registry)
@@ -47,7 +49,7 @@ def decide(cfg: Config, outputs: dict[str, str], registry: str, run_name: str) -
                                                   f"+ margin {cfg.evaluate.promotion_margin}")
     release = storage.join(registry, "releases", run_name)
     decision["release"] = release
-    _archive(outputs["release"], release, decision)
+    _archive(outputs["release"], release, decision, stages or {})
     storage.write_json(storage.join(registry, LAST_EVALUATED), {
         "run": run_name, "data_version": metrics["data_version"], "promoted": decision["promoted"]})
     if decision["promoted"]:
@@ -58,10 +60,12 @@ def decide(cfg: Config, outputs: dict[str, str], registry: str, run_name: str) -
     return decision
 
 
-def _archive(bundle: str, target: str, decision: dict) -> None:
-    """Every challenger is kept with its card, now carrying the decision; only winners get the pointer."""
+def _archive(bundle: str, target: str, decision: dict, stages: dict[str, str]) -> None:
+    """Every challenger is kept with its card, now carrying the decision and how each stage was obtained
+    (restarts and their causes included); only winners get the pointer."""
     card = storage.read_json(storage.join(bundle, "model_card.json"))
     card["promotion"] = decision
+    card["stages"] = stages
     with storage.staged_output(target) as out:
         (out / "finetuned.pt").write_bytes(storage.read_bytes(storage.join(bundle, "finetuned.pt")))
         storage.write_json(str(out / "model_card.json"), card)

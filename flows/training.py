@@ -117,6 +117,10 @@ def run_stage(ws: wsmod.Workspace, stage: str, params: TrainingParameters, run_i
     if dvc_tracked:
         wsmod.commit_stage(ws, stage)
     logger.info("%s: ran in %.1f s", stage, time.perf_counter() - started)
+    restarts = getattr(launcher, "restarts", [])  # Kubernetes: the group was restarted after a lost rank
+    if restarts:
+        logger.warning("%s: %d restart(s): %s", stage, len(restarts), "; ".join(restarts))
+        return f"ran after {len(restarts)} restart(s): " + "; ".join(restarts)
     return "ran"
 
 
@@ -140,9 +144,9 @@ def version_data(ws: wsmod.Workspace, cfg: Config) -> dict:
 
 
 @task
-def promote(ws: wsmod.Workspace, cfg: Config, run_name: str) -> dict:
+def promote(ws: wsmod.Workspace, cfg: Config, run_name: str, stages: dict[str, str]) -> dict:
     decision = decide(cfg, {name: artifact_uri(ws, cfg, name) for name in ("reports", "prepared", "release")},
-                      cfg.paths.project_uri("registry", ws.project), run_name)
+                      cfg.paths.project_uri("registry", ws.project), run_name, stages)
     get_run_logger().info("promotion: %s (%s)", "PROMOTED" if decision["promoted"] else "kept champion",
                           decision["reason"])
     return decision
@@ -240,7 +244,7 @@ def train(params: TrainingParameters = TrainingParameters()) -> dict:
     # Artifacts on s3:// are not DVC outputs, but the source snapshot still goes to the remote.
     pushed = wsmod.push(ws) if tracked else bool(data["snapshot"]) and wsmod.push(ws, [data["snapshot"]])
     metrics = storage.read_json(storage.join(artifact_uri(ws, cfg, "reports"), "metrics.json"))
-    decision = promote(ws, cfg, run_name)
+    decision = promote(ws, cfg, run_name, outcomes)
     _publish_artifacts(metrics, decision, ws, cfg, data)
     _link_latest(ws.root)
     logger.info("stages: %s; pushed to remote: %s", outcomes, pushed)

@@ -114,10 +114,6 @@ class KubernetesLaunchConfig(BaseModel):
     """/dev/shm size: DataLoader workers share batches through it; Docker's 64Mi default stalls them."""
     active_deadline_seconds: int = Field(6 * 3600, ge=1)
     ttl_seconds_after_finished: int = Field(3600, ge=0)
-    backoff_limit: int = Field(2, ge=0)
-    """Deprecated, ignored (kept so existing overlays still load): every Job is rendered with
-    backoffLimit 0, because replacing one pod of a multi-node group cannot help its surviving
-    ranks. A lost pod ends the attempt; the launcher restarts the whole group (`max_restarts`)."""
     max_restarts: int = Field(3, ge=0)
     """New attempts (a new Job, all ranks, resuming from the last checkpoint) after a rank is lost:
     eviction/preemption (DisruptionTarget), node failure, a non-zero exit other than 2."""

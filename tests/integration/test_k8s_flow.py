@@ -67,7 +67,9 @@ def test_two_node_ddp_stages_through_kubernetes(standin_cluster, flow_env, s3, t
     summary = json.loads(s3.fs.cat(f"{_keyed(s3, 'pretrain')}/summary.json"))
     assert summary["world_size"] == 2
     assert [r[3] for r in standin_cluster.requests("delete", "jobs")] == [orphan]
-    assert s3.fs.exists(f"{s3.bucket}/registry/champion.json")
+    champion = json.loads(s3.fs.cat(f"{s3.bucket}/registry/champion.json"))
+    card = json.loads(s3.fs.cat(f"{champion['release']}/model_card.json"))
+    assert card["stages"] == result["stages"]  # how each stage was obtained (restarts and causes too)
 
     # One indexed Job per stage; the training ones had two pods (completion indexes 0 and 1).
     remaining = standin_cluster.jobs()
