@@ -45,13 +45,13 @@ def _gpu(requests: dict, limits: dict):
      (f"{CONTAINER}.resources.limits", "Required value: Limit must be set for non overcommitable resources")),
     (_gpu({}, {"nvidia.com/gpu": "0.5"}),
      (f"{CONTAINER}.resources.limits[nvidia.com/gpu]", 'Invalid value: "0.5": must be an integer')),
-    (lambda job: job["spec"]["podFailurePolicy"]["rules"][1]["onExitCodes"].update(values=[0, 2]),
-     ("spec.podFailurePolicy.rules[1].onExitCodes.values[0]", "Invalid value: 0: must not be 0 for the In operator")),
+    (lambda job: job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"].update(values=[0, 2]),
+     ("spec.podFailurePolicy.rules[0].onExitCodes.values[0]", "Invalid value: 0: must not be 0 for the In operator")),
     (lambda job: job["spec"]["podFailurePolicy"]["rules"][1].update(action="FailIndex"),
      ("spec.podFailurePolicy.rules[1].action",
       'Invalid value: "FailIndex": requires the backoffLimitPerIndex to be set')),
-    (lambda job: job["spec"]["podFailurePolicy"]["rules"][1]["onExitCodes"].update(containerName="other"),
-     ("spec.podFailurePolicy.rules[1].onExitCodes.containerName",
+    (lambda job: job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"].update(containerName="other"),
+     ("spec.podFailurePolicy.rules[0].onExitCodes.containerName",
       'Invalid value: "other": must be one of the container or initContainer names in the pod template')),
     (lambda job: job["spec"]["template"]["spec"].update(restartPolicy="OnFailure"),
      ("spec.template.spec.restartPolicy",
@@ -93,7 +93,7 @@ def test_label_selectors_with_sets():
 
 def test_invalid_over_http_is_422_naming_each_field(k8s_standin):  # noqa: F811
     job = _job(lambda j: (_gpu({"nvidia.com/gpu": "4"}, {"nvidia.com/gpu": "8"})(j),
-                          j["spec"]["podFailurePolicy"]["rules"][1]["onExitCodes"].update(values=[0, 2])))
+                          j["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"].update(values=[0, 2])))
     request = urllib.request.Request(f"{k8s_standin.host}/apis/batch/v1/namespaces/ml/jobs", method="POST",
                                      data=json.dumps(job).encode(), headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as caught:
@@ -102,7 +102,7 @@ def test_invalid_over_http_is_422_naming_each_field(k8s_standin):  # noqa: F811
     assert (caught.value.code, status["reason"], status["details"]["kind"]) == (422, "Invalid", "Job")
     assert status["message"].startswith('Job.batch "pretrain-run-abc123" is invalid: [spec.podFailurePolicy')
     assert [c["field"] for c in status["details"]["causes"]] == [
-        "spec.podFailurePolicy.rules[1].onExitCodes.values[0]", f"{CONTAINER}.resources.requests"]
+        "spec.podFailurePolicy.rules[0].onExitCodes.values[0]", f"{CONTAINER}.resources.requests"]
     assert k8s_standin.jobs() == []
 
 
