@@ -44,6 +44,7 @@ from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError as TransportError
 
+from pipeline.errors import EXIT_SIGTERM
 from pipeline.launch.k8s_manifests import (
     COMPLETION_INDEX_ANNOTATION, CONTAINER_NAME, JOB_LABEL, LABEL_PREFIX, MANAGED_BY, RUN_LABEL,
     KubernetesLaunchConfig, label_value, new_job_name, owner_reference, render_job, render_service,
@@ -268,7 +269,7 @@ class KubernetesLauncher:
             _report_waiting(pods, waiting_seen, log)
             job = self._call("get", "jobs.batch", self.batch.read_namespaced_job,
                              job_name, self.cfg.namespace, name=job_name)
-            outcome = _outcome(job, list(seen.values()), job_name)
+            outcome = _outcome(job, list(seen.values()), job_name) or _early_disruption(pods, job_name)
             if outcome is not None:
                 code, cause = outcome
                 if cause is None:  # a lost rank's group is joined once deleted: restart without waiting on it
@@ -348,6 +349,20 @@ def _disruption(pod: k8s.V1Pod) -> str | None:
     for c in pod.status.conditions or []:
         if c.type == "DisruptionTarget" and c.status == "True":
             return c.reason or "DisruptionTarget"
+    return None
+
+
+def _early_disruption(pods: list[k8s.V1Pod], job_name: str) -> tuple[int, str] | None:
+    """A rank marked DisruptionTarget (evicted, preempted) while still terminating: end the attempt now.
+
+    The Job controller acts only once that pod has ended, and its SIGTERM checkpoint is a collective
+    the other ranks never join, so it would sit out its whole grace period. Deleting the Job at once
+    (the caller does) sends every rank SIGTERM together: they checkpoint together and the next
+    attempt starts after the checkpoint, not after the grace period."""
+    for pod in pods:
+        reason = _disruption(pod)
+        if reason and pod.status.phase in ("Pending", "Running"):
+            return EXIT_SIGTERM, f"rank {_rank(pod, job_name)} lost (DisruptionTarget: {reason})"
     return None
 
 
