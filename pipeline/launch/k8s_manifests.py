@@ -120,6 +120,11 @@ class KubernetesLaunchConfig(BaseModel):
     pending_timeout_seconds: float = Field(300, gt=0)
     """A pod still Pending (unschedulable, image pull, missing Secret...) after this long fails the stage
     with the scheduler's or kubelet's reason (StagePendingTimeout, not retried by the flow)."""
+    collective_timeout_seconds: int = Field(300, ge=30)
+    """torch.distributed timeout of the stage pods (PIPELINE_DDP_TIMEOUT_S): how long a rank waits in a
+    collective, the first rendezvous included, for a peer that is not there. The launcher already stops
+    every rank when one is lost; this bounds the wait when it cannot tell (a hung peer, a partitioned
+    node). Not much lower: the pods of one Job may start minutes apart (image pulls)."""
     termination_grace_seconds: int = Field(60, ge=0)
     """Time between SIGTERM and SIGKILL: long enough for the stage to write its checkpoint."""
     master_port: int = Field(29500, ge=1, le=65535)
@@ -287,6 +292,7 @@ def _env(cfg: KubernetesLaunchConfig, job_name: str, run_id: str, extra: dict[st
         {"name": "NODE_RANK", "valueFrom": {"fieldRef": {
             "fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}},
         {"name": "PIPELINE_FLOW_RUN_ID", "value": run_id},
+        {"name": "PIPELINE_DDP_TIMEOUT_S", "value": str(cfg.collective_timeout_seconds)},
         {"name": "PYTHONUNBUFFERED", "value": "1"},  # lines reach the log stream as printed
         {"name": "HOME", "value": "/tmp"},  # libraries write caches under $HOME
     ]

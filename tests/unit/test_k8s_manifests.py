@@ -41,6 +41,7 @@ def test_gpu_job_sets_rendezvous_ranks_and_world_size():
     assert pod["subdomain"] == svc["metadata"]["name"] == name
     assert env["MASTER_ADDR"]["value"] == f"{name}-0.{name}.train.svc.cluster.local" == master_addr(name, "train")
     assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"
+    assert env["PIPELINE_DDP_TIMEOUT_S"]["value"] == "300"  # the collective (and rendezvous) wait is bounded
     args = container["args"]
     assert args[:3] == ["pretrain", "--set", "pretrain.max_steps=8"]
     assert {"trainer.num_nodes=2", "trainer.devices=8", "trainer.accelerator=gpu", "trainer.strategy=ddp"} <= set(args)
