@@ -26,20 +26,11 @@ from pathlib import Path
 from pipeline.launch import StageCommand
 from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
 from pipeline.launch.kubernetes import KubernetesLauncher
-from tests.k8s_standin.fixture import REPO_ROOT, StandIn
+from tests.k8s_standin.fixture import REPO_ROOT, StandIn, wait_for
 
 INDEX = "batch.kubernetes.io/job-completion-index"
 JOB = "pipeline.example/job"
 
-
-def _wait(predicate, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise TimeoutError("bench: condition not reached")
 
 
 def main() -> None:
@@ -63,16 +54,16 @@ def main() -> None:
         stopped, running = [], []
         try:
             for _ in range(args.repeats):
-                pods = _wait(lambda: _all_running(standin, args.nodes))
+                pods = wait_for(lambda: _all_running(standin, args.nodes), "all ranks running", 60, 0.02)
                 job = pods[0]["metadata"]["labels"][JOB]
                 procs = [p for p in standin.processes() if p.poll() is None]
                 time.sleep(1.0)  # a few steps into the attempt
                 victim = next(p for p in pods if p["metadata"]["annotations"][INDEX] == str(args.nodes - 1))
                 t0 = time.monotonic()
                 standin.evict(victim["metadata"]["name"])
-                _wait(lambda: all(p.poll() is not None for p in procs))
+                wait_for(lambda: all(p.poll() is not None for p in procs), "all ranks stopped", 60, 0.02)
                 stopped.append(time.monotonic() - t0)
-                _wait(lambda: _all_running(standin, args.nodes, exclude=job))
+                wait_for(lambda: _all_running(standin, args.nodes, exclude=job), "the new attempt running", 60, 0.02)
                 running.append(time.monotonic() - t0)
         finally:
             launcher.cancel()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,6 +21,7 @@ from pipeline.launch.kubernetes import (
     delete_jobs_for_run,
 )
 from tests.k8s_standin import k8s_standin  # noqa: F401  (pytest fixture)
+from tests.k8s_standin.fixture import wait_for as _wait_for
 
 FAKE = ["python", "-m", "tests.k8s_standin.fake_stage"]
 
@@ -52,15 +52,6 @@ class Lines(list):
         with self.lock:
             return "\n".join(self)
 
-
-def _wait_for(predicate, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_two_pods_rendezvous_through_pod0_dns_and_stream_ranked_logs(k8s_standin, tmp_path):

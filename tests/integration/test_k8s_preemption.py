@@ -16,7 +16,8 @@ import pytest
 from pipeline.launch import StageCommand
 from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
 from pipeline.launch.kubernetes import KubernetesLauncher
-from tests.integration.test_k8s_launcher import Lines, _wait_for
+from tests.integration.test_k8s_launcher import Lines
+from tests.k8s_standin.fixture import wait_for as _wait_for
 from tests.k8s_standin import k8s_standin  # noqa: F401  (pytest fixture)
 
 pytestmark = pytest.mark.slow

@@ -8,6 +8,7 @@ this checkout's code.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,17 @@ class StandIn:
         self.server.shutdown()
         self.server.server_close()
         self.cluster.shutdown()
+
+
+def wait_for(predicate, what: str, timeout: float = 30.0, poll: float = 0.05):
+    """The predicate's first truthy value, polled; AssertionError naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 @pytest.fixture
