@@ -26,11 +26,10 @@ from flows.promotion import LAST_EVALUATED, champion_pointer, decide
 from pipeline import storage
 from pipeline.config import Config, apply_overrides, build_config, read_params, update_params_file
 from pipeline.errors import EXIT_SIGTERM, EXIT_USER_ERROR, ConfigError, UserInputError
-from pipeline.launch.kubernetes import KubernetesLaunchError
 from pipeline.launch import StageCommand
+from pipeline.launch.kubernetes import KubernetesLaunchError
 from pipeline.launch.local import LocalLauncher
-from pipeline.launch.shape import TRAINING_STAGES, set_args  # TRAINING_STAGES: the multi-process (DDP) stages
-
+from pipeline.launch.shape import TRAINING_STAGES, set_args
 
 
 def project_root() -> Path:
