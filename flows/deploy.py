@@ -69,16 +69,15 @@ def check_launch_settings(overlay: Path | None, image: str, problems: list[str])
     """The stage-launch settings the flow-run pod will read from ConfigMap training-launch."""
     from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
 
-    merged: dict[str, Any] = {}
+    layers = []
     for path in [LAUNCH_BASE, *([overlay / "launch.json"] if overlay else [])]:
         values = _read_json(path, problems)
-        if values is None:
-            continue
-        try:
-            KubernetesLaunchConfig(**{**merged, **values})
-        except ValidationError as exc:
-            problems.extend(_pydantic_lines(path, exc))
-        merged.update(values)
+        if values is not None:
+            layers.append((str(path), values))
+    try:  # merged as the flow-run pod merges them, each problem naming the file that set the key
+        KubernetesLaunchConfig.from_layers(layers)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
     try:
         KubernetesLaunchConfig(image=image)
     except ValidationError as exc:

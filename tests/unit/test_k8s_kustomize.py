@@ -168,7 +168,7 @@ def test_deploy_check_rejects_what_the_worker_or_launcher_would(tmp_path, capsys
     err = capsys.readouterr().err
     assert code == 2
     assert "template.json" in err and "/spec/template/spec/completions" in err
-    assert "launch.json: gpus_per_node" in err and "launch.json: nodez: Extra inputs" in err
+    assert "launch.json: gpus_per_node" in err and "launch.json: nodez: unknown key" in err
     assert "--image" in err and "pinned" in err
     ok = main(["--check", "--image", "registry.example/pipeline:0.1.0", "--storage", "s3://bucket/p",
                "--overlay", str(K8S / "overlays" / "gpu")])
