@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from flows.dag import entries
 from pipeline import storage
 from pipeline.config import Config
 
@@ -52,10 +53,6 @@ def _paths_field(out: str, cfg: Config) -> str:
     raise ValueError(f"dvc.yaml output {out!r} matches no paths.* setting")
 
 
-def _entries(items: list) -> list[str]:
-    return [item if isinstance(item, str) else next(iter(item)) for item in items or []]
-
-
 def _code_digest(root: Path, dep: str) -> str:
     """Content of a file, or of every file under a folder (bytecode caches excluded), as DVC hashes deps."""
     path, digest = root / dep, hashlib.sha256()
@@ -82,12 +79,12 @@ def plan(workspace: Path, cfg: Config, order: list[str]) -> dict[str, StagePlan]
     for name in order:
         stage = stages[name]
         deps = {}
-        for dep in _entries(stage.get("deps")):
+        for dep in entries(stage.get("deps")):
             deps[dep] = produced[dep] if dep in produced else _code_digest(workspace, dep)
         payload = {"cmd": stage["cmd"], "deps": deps,
-                   "params": {p: _param(dumped, p) for p in _entries(stage.get("params"))}}
+                   "params": {p: _param(dumped, p) for p in entries(stage.get("params"))}}
         key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:KEY_LENGTH]
-        outs = _entries(stage.get("outs")) + _entries(stage.get("metrics")) + _entries(stage.get("plots"))
+        outs = entries(stage.get("outs")) + entries(stage.get("metrics")) + entries(stage.get("plots"))
         fields = dict.fromkeys(_paths_field(out, cfg) for out in outs)
         plans[name] = StagePlan(name, key, {f: storage.join(cfg.paths.root, "stages", name, key, f) for f in fields})
         for out in outs:
