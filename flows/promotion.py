@@ -11,7 +11,7 @@ from pipeline import storage
 from pipeline.config import Config
 from pipeline.data.prepared import load_prepared
 from pipeline.models.bundle import load_classifier
-from pipeline.stages.evaluate import score
+from pipeline.stages.evaluate import predictions, score
 
 CHAMPION = "champion.json"
 LAST_EVALUATED = "last_evaluated.json"  # the data the newest challenger saw, promoted or not
@@ -35,14 +35,14 @@ def decide(cfg: Config, outputs: dict[str, str], registry: str, run_name: str,
         decision.update(promoted=True, reason="no champion yet")
     else:
         data = load_prepared(outputs["prepared"])
-        test = data.subset("test")
         model, classes = load_classifier(storage.join(champion["release"], "finetuned.pt"))
         decision["champion_run"] = champion["run"]
-        if classes != test.classes:
-            decision.update(promoted=True, reason=f"classes changed ({classes} -> {test.classes}); champion not comparable")
+        if classes != data.class_names:
+            decision.update(promoted=True, reason=f"classes changed ({classes} -> {data.class_names}); "
+                                                  "champion not comparable")
         else:
             # Re-score the champion on *this* test set: the data may have changed since it was promoted.
-            current = score(model, test.images, test.labels, cfg.evaluate.batch_size)[0]["accuracy"]
+            current = score(*predictions(model, data.split("test"), cfg.evaluate.batch_size))[0]["accuracy"]
             decision["champion_accuracy"] = current
             won = challenger > current + cfg.evaluate.promotion_margin
             decision.update(promoted=won, reason=f"challenger {challenger:.4f} vs champion {current:.4f} "
@@ -51,7 +51,8 @@ def decide(cfg: Config, outputs: dict[str, str], registry: str, run_name: str,
     decision["release"] = release
     _archive(outputs["release"], release, decision, stages or {})
     storage.write_json(storage.join(registry, LAST_EVALUATED), {
-        "run": run_name, "data_version": metrics["data_version"], "promoted": decision["promoted"]})
+        "run": run_name, "data_version": metrics["data_version"], "corpus_version": metrics.get("corpus_version"),
+        "promoted": decision["promoted"]})
     if decision["promoted"]:
         storage.write_json(storage.join(registry, CHAMPION), {
             "run": run_name, "release": release, "test_accuracy": challenger,

@@ -123,23 +123,30 @@ def run_stage(ws: wsmod.Workspace, stage: str, params: TrainingParameters, run_i
     return "ran"
 
 
+def _version_one(ws: wsmod.Workspace, cfg: Config, source: str, kind: str, snapshot_path: str) -> dict:
+    from pipeline.data.sources import content_id
+
+    version = content_id(source, kind, cfg)
+    snapshot = None
+    if not source.startswith("builtin:"):
+        fs, path = storage.filesystem(source)
+        fs.get(path.rstrip("/") + "/", str(ws.root / snapshot_path), recursive=True)
+        with wsmod.dvc_repo(ws) as repo:
+            repo.add(snapshot_path)
+        snapshot = f"{snapshot_path}.dvc"
+    return {"version": version, "source": source, "snapshot": snapshot}
+
+
 @task
 def version_data(ws: wsmod.Workspace, cfg: Config) -> dict:
-    """Content id of the source. Folder sources are also snapshotted into DVC and pushed."""
-    from pipeline.data.sources import load_source
-    from pipeline.stages.prepare import data_version
-
-    version = data_version(load_source(cfg.data.source))
-    snapshot = None
-    if not cfg.data.source.startswith("builtin:"):
-        local = ws.root / "data" / "source"
-        fs, path = storage.filesystem(cfg.data.source)
-        fs.get(path.rstrip("/") + "/", str(local), recursive=True)
-        with wsmod.dvc_repo(ws) as repo:
-            repo.add("data/source")
-        snapshot = "data/source.dvc"
-    get_run_logger().info("data version %s (%s)", version, cfg.data.source)
-    return {"data_version": version, "source": cfg.data.source, "snapshot": snapshot}
+    """Content ids of the target data and of the pretraining corpus; folder sources are also snapshotted
+    into DVC (and pushed with the run), so every run names exactly which images it learned from."""
+    target = _version_one(ws, cfg, cfg.data.source, "data", "data/source")
+    corpus = _version_one(ws, cfg, cfg.pretrain.source, "corpus", "data/corpus_source")
+    get_run_logger().info("data version %s (%s); corpus version %s (%s)", target["version"], target["source"],
+                          corpus["version"], corpus["source"])
+    return {"data_version": target["version"], "source": target["source"], "snapshot": target["snapshot"],
+            "corpus": corpus}
 
 
 @task
@@ -160,7 +167,8 @@ def _publish_artifacts(metrics: dict, decision: dict, ws: wsmod.Workspace, cfg: 
     champion = decision["champion_accuracy"]
     create_markdown_artifact(key="promotion", description="Promotion decision", markdown="\n".join([
         "| | |", "|---|---|",
-        f"| data version | `{data['data_version']}` |",
+        f"| data version | `{data['data_version']}` ({data['source']}) |",
+        f"| pretraining corpus | `{data['corpus']['version']}` ({data['corpus']['source']}) |",
         f"| labels per class | {cfg.finetune.labels_per_class} |",
         f"| fine-tuned test accuracy | {metrics['test']['accuracy']:.4f} |",
         f"| scratch test accuracy | {scratch if scratch is None else f'{scratch:.4f}'} |",
@@ -225,10 +233,9 @@ def train(params: TrainingParameters = TrainingParameters()) -> dict:
     ws = wsmod.create_workspace(project, _runs_dir(cfg, project) / run_name, params.overrides(),
                                 dvc_remote=cfg.paths.project_uri("dvc_remote", project))
     data = version_data(ws, cfg)
-    if not cfg.data.source.startswith("builtin:"):
-        # Stages read the DVC snapshot (pods: the original source), and the version pins prepare's cache key
-        # to the content; on Kubernetes the returned params carry the data.version pin to the pods.
-        cfg, params = _pin_data(ws, params, data)
+    # Stages read the DVC snapshots (pods: the original sources), and the versions pin prepare's and corpus's
+    # cache keys to the content; on Kubernetes the returned params carry the pins to the pods.
+    cfg, params = _pin_data(ws, params, data)
     tracked = cfg.paths.root in ("", ".")
     order, plans = stage_order(ws.root / "dvc.yaml"), {}
     if tracked:
@@ -241,7 +248,8 @@ def train(params: TrainingParameters = TrainingParameters()) -> dict:
         params = params.model_copy(update={"extra_overrides": [*params.extra_overrides, *pins]})
     outcomes = {stage: run_stage(ws, stage, params, run_id, tracked, plans.get(stage)) for stage in order}
     # Artifacts on s3:// are not DVC outputs, but the source snapshot still goes to the remote.
-    pushed = wsmod.push(ws) if tracked else bool(data["snapshot"]) and wsmod.push(ws, [data["snapshot"]])
+    snapshots = [s for s in (data["snapshot"], data["corpus"]["snapshot"]) if s]
+    pushed = wsmod.push(ws) if tracked else bool(snapshots) and wsmod.push(ws, snapshots)
     metrics = storage.read_json(storage.join(artifact_uri(ws, cfg, "reports"), "metrics.json"))
     decision = promote(ws, cfg, run_name, outcomes)
     _publish_artifacts(metrics, decision, ws, cfg, data)
@@ -253,9 +261,9 @@ def train(params: TrainingParameters = TrainingParameters()) -> dict:
 
 @flow(name="retrain", log_prints=True)
 def retrain(params: TrainingParameters = TrainingParameters()) -> dict:
-    """Scheduled: retrain only if the data changed since the champion was trained, or if forced."""
-    from pipeline.data.sources import load_source
-    from pipeline.stages.prepare import data_version
+    """Scheduled: retrain only if the target data or the pretraining corpus changed since the last
+    evaluated run, or if forced."""
+    from pipeline.data.sources import content_id
 
     project = project_root()
     cfg = effective_config(params, project)
@@ -263,13 +271,16 @@ def retrain(params: TrainingParameters = TrainingParameters()) -> dict:
     # Compare with the newest *evaluated* run, not only the champion: a challenger that lost on this
     # data must not be retrained every week until the data changes.
     last = champion_pointer(registry, LAST_EVALUATED) or champion_pointer(registry)
-    version = data_version(load_source(cfg.data.source))
-    if last and last.get("data_version") == version and not params.force:
-        message = f"no change: data {version} was already evaluated in run {last['run']}; nothing to do"
+    version = content_id(cfg.data.source, "data", cfg)
+    corpus = content_id(cfg.pretrain.source, "corpus", cfg)
+    unchanged = last and last.get("data_version") == version and last.get("corpus_version", corpus) == corpus
+    if unchanged and not params.force:
+        message = (f"no change: data {version} and corpus {corpus} were already evaluated in run {last['run']}; "
+                   "nothing to do")
         get_run_logger().info(message)
         create_markdown_artifact(key="retrain", markdown=f"**No retraining.** {message}")
-        return {"retrained": False, "data_version": version}
-    return {"retrained": True, "data_version": version, **train(params)}
+        return {"retrained": False, "data_version": version, "corpus_version": corpus}
+    return {"retrained": True, "data_version": version, "corpus_version": corpus, **train(params)}
 
 
 def artifact_uri(ws: wsmod.Workspace, cfg: Config, name: str) -> str:
@@ -312,21 +323,32 @@ def _check_kubernetes_storage(cfg: Config, project: Path) -> None:
 
 
 def _pin_data(ws: wsmod.Workspace, params: TrainingParameters, data: dict) -> tuple[Config, TrainingParameters]:
-    """Pin the versioned source for the stages: (the workspace's config, the params stages get).
+    """Pin both versioned datasets for the stages: (the workspace's config, the params stages get).
 
-    Local stages read the workspace's params.yaml: `data.source=data/source` (the DVC snapshot) and
-    `data.version`. Pods see only the image and the `--set` args run_stage ships from the params: they
-    get `data.version` too but keep `data.source` as the original URI (the snapshot path exists only
-    in this workspace), so prepare refuses content that changed since version_data.
+    Local stages read the workspace's params.yaml: a folder source becomes its DVC snapshot
+    (`data.source=data/source`, `pretrain.source=data/corpus_source`) and each version is pinned
+    (`data.version`, `pretrain.version`). Pods see only the image and the `--set` args run_stage ships
+    from the params: they get the version pins too but keep the original URIs (the snapshot paths exist
+    only in this workspace), so prepare and corpus refuse content that changed since version_data.
     """
-    cfg = update_params_file(ws.params_file, ["data.source=data/source", f"data.version={data['data_version']}"])
+    datasets = [("data", data)]
+    if "corpus" in data:
+        datasets.append(("pretrain", data["corpus"]))
+    workspace, pods = [], list(params.extra_overrides)
+    for section, info in datasets:
+        version = info.get("data_version") or info.get("version")
+        workspace.append(f"{section}.version={version}")
+        pods.append(f"{section}.version={version}")
+        if info["source"].startswith("builtin:"):
+            continue
+        workspace.append(f"{section}.source={info['snapshot'].removesuffix('.dvc')}")
+        if params.launcher == "kubernetes" and not storage.is_remote(info["source"]):
+            raise ConfigError(f"{section}.source: {info['source']!r} is on the flow-run pod; stage pods cannot "
+                              "read it (use s3://bucket/prefix or a builtin: source)")
+    cfg = update_params_file(ws.params_file, workspace)
     if params.launcher != "kubernetes":
         return cfg, params
-    if not storage.is_remote(data["source"]):
-        raise ConfigError(f"data.source: {data['source']!r} is on the flow-run pod; stage pods cannot read it "
-                          "(use s3://bucket/prefix or builtin:digits)")
-    pinned = [*params.extra_overrides, f"data.version={data['data_version']}"]
-    return cfg, params.model_copy(update={"extra_overrides": pinned})
+    return cfg, params.model_copy(update={"extra_overrides": pods})
 
 
 def _link_latest(run_root: Path) -> None:

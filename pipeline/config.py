@@ -39,7 +39,9 @@ class PathsConfig(_Section):
     root: str = "."
     """Base URI every relative path below is joined to: a local folder or s3://bucket/prefix."""
     prepared: str = "data/prepared"
-    """Prepared, split dataset and its manifest (output of `prepare`)."""
+    """Prepared, split target dataset: webdataset shards and their manifest (output of `prepare`)."""
+    corpus: str = "data/corpus"
+    """Prepared pretraining corpus: shards and manifest of `pretrain.source` (output of `corpus`)."""
     pretrain: str = "models/pretrain"
     """Pretrained backbone (output of `pretrain`)."""
     finetune: str = "models/finetune"
@@ -90,6 +92,21 @@ class DataConfig(_Section):
     """Share of each class held out for validation (stratified)."""
     test_fraction: float = Field(0.25, gt=0, lt=0.5)
     """Share of each class held out for the final test (stratified)."""
+    image_size: int = Field(8, ge=1, le=4096)
+    """Side in pixels of the square images every stage sees (target and pretraining corpus alike): each
+    image is EXIF-rotated, its shorter side resized to this, then centre-cropped. 8 keeps the digits
+    demo as it is; photos want e.g. 224."""
+    channels: Literal[1, 3] = 1
+    """1 (grayscale) or 3 (RGB): every image is converted to this (RGBA is composited on black)."""
+    min_image_size: int = Field(8, ge=1)
+    """Images whose shorter side is below this many pixels are errors, not blown up into blur."""
+    num_workers: int | None = Field(None, ge=1)
+    """Processes decoding and resizing images in `prepare` and `corpus`; unset: one per CPU core."""
+    shard_mb: int = Field(64, ge=1)
+    """Target size of one webdataset shard (decoded pixels): the unit each rank streams and prefetches."""
+    cache_mb: int = Field(1024, ge=0)
+    """A rank keeps its decoded share of a split in memory after the first epoch when it fits in this
+    many MiB (later epochs read nothing); larger shares are streamed from storage every epoch."""
 
 
 class TrainerConfig(_Section):
@@ -112,7 +129,7 @@ class TrainerConfig(_Section):
     data_on_device: bool = False
     """Keep the whole dataset in GPU memory (datasets that fit): no host-to-device copy per batch."""
     num_workers: int = Field(0, ge=0)
-    """DataLoader worker processes. 0 is fastest for the small in-memory demo data."""
+    """Threads reading shards ahead of training (at least one is always ahead: 0 means one)."""
     log_every_n_steps: int = Field(10, ge=1)
     """How often progress lines and metrics are logged."""
 
@@ -140,12 +157,16 @@ class ScheduleConfig(_Section):
 
 
 class ModelConfig(_Section):
-    arch: Literal["cnn", "vit"] = "cnn"
-    """`cnn`: small ResNet-style net for small images; `vit`: Vision Transformer (GPU-sized)."""
+    arch: Literal["cnn", "resnet", "vit"] = "cnn"
+    """`cnn`: small ResNet-style net for tiny images (the digits demo); `resnet`: ImageNet-style ResNet
+    for real photos; `vit`: Vision Transformer (GPU-sized). docs/models.md compares them."""
     width: int = Field(32, ge=4)
-    """CNN base channel count, or ViT embedding dimension."""
+    """Channels of the first stage (CNN, ResNet: stage i has width x 2**i), or ViT embedding dimension."""
     depth: int = Field(2, ge=1)
-    """Residual stages (CNN) or transformer blocks (ViT)."""
+    """Residual stages (CNN) or transformer blocks (ViT); ResNet ignores it (see `blocks`)."""
+    blocks: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [2, 2, 2, 2], min_length=1)
+    """Residual blocks per stage (ResNet only; one entry per stage): [2, 2, 2, 2] is ResNet-18's layout,
+    [3, 4, 6, 3] ResNet-34's."""
     heads: int = Field(4, ge=1)
     """Attention heads (ViT only)."""
     patch_size: int = Field(2, ge=1)
@@ -167,13 +188,27 @@ class _TrainStage(_Section):
     """Resumable checkpoint interval, the most progress a preemption can lose."""
 
 
+def _objective_alias(value: Any) -> Any:
+    # `glyphs` was the name of the supervised objective when glyphs were its only data.
+    return "supervised" if value == "glyphs" else value
+
+
 class PretrainConfig(_TrainStage):
     model: ModelConfig = ModelConfig()
-    objective: Literal["glyphs", "simclr"] = "glyphs"
-    """`glyphs`: supervised on synthetic printed digits (sim-to-real, for digit-like data);
-    `simclr`: self-supervised on the unlabelled training images (any data, no labels)."""
+    source: str = "builtin:glyphs"
+    """The pretraining corpus, separate from the target `data.source`: `builtin:glyphs` (synthetic
+    printed digits, the demo's), an ImageFolder (`<class>/<image>`, labelled) or a plain folder of
+    unlabelled images, local or s3://. Versioned and cached on its own: changing the target data never
+    re-runs pretraining."""
+    version: str | None = None
+    """Content id of the corpus, pinned by the flow like `data.version`; `corpus` refuses other content."""
+    objective: Annotated[Literal["supervised", "simclr"], BeforeValidator(_objective_alias)] = "supervised"
+    """`supervised`: classify the corpus's own labels (needs a labelled corpus: glyphs or an ImageFolder);
+    `simclr`: self-supervised contrastive learning, labels ignored (any corpus)."""
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    """Share of the corpus held out to validate pretraining."""
     glyphs_per_class: int = Field(500, ge=10)
-    """Synthetic images rendered per glyph class (objective `glyphs`)."""
+    """Synthetic images rendered per glyph class (source `builtin:glyphs`)."""
     temperature: float = Field(0.2, gt=0, le=10)
     """NT-Xent softmax temperature of the self-supervised (SimCLR) objective."""
     projection_dim: int = Field(64, ge=2)

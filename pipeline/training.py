@@ -34,6 +34,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline import storage
 from pipeline.config import TrainerConfig, _TrainStage
+from pipeline.data.shards import SplitShards
+from pipeline.data.stream import InMemorySplit, ShardStream
 from pipeline.data.tasks import TaskArrays
 from pipeline.errors import EXIT_SIGTERM
 from pipeline.preflight import check_distributed
@@ -147,6 +149,19 @@ class ResumeCheckpoint(Callback):
             trainer.save_checkpoint(self.path, weights_only=False)  # full state: the run resumes from it
             self.saved_at = step
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        # Dropout and augmentation draw from the global generators: with their state (and the loader's
+        # position, pipeline/data/stream.py) a resumed run takes the steps an uninterrupted one takes.
+        # Torch's generators only: the models draw from nothing else, and tensors load with weights_only.
+        checkpoint["torch_rng"] = {"cpu": torch.get_rng_state(),
+                                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+        if "torch_rng" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng"]["cpu"])
+            if checkpoint["torch_rng"]["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(checkpoint["torch_rng"]["cuda"])
+
     def on_exception(self, trainer, pl_module, exception):
         if isinstance(exception, SIGTERMException):
             trainer.save_checkpoint(self.path, weights_only=False)  # full state: the run resumes from it
@@ -204,10 +219,25 @@ def compile_in_place(module: nn.Module) -> None:
         region.compile()
 
 
+TrainData = SplitShards | InMemorySplit | TaskArrays
+
+
+def stream(data: TrainData, batch_size: int, trainer_cfg: TrainerConfig, seed: int, shuffle: bool,
+           cache_mb: int) -> ShardStream:
+    """The loader of one split for this rank (pipeline/data/stream.py)."""
+    if isinstance(data, TaskArrays):
+        data = InMemorySplit(data.images, data.labels)
+    device = None
+    if trainer_cfg.data_on_device and trainer_cfg.accelerator in ("gpu", "cuda") and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # held data gathered on the GPU
+    return ShardStream(data, batch_size, seed=seed, shuffle=shuffle, readahead=trainer_cfg.num_workers,
+                       cache_bytes=cache_mb << 20, device=device)
+
+
 def fit(
     module: L.LightningModule,
-    train: TaskArrays,
-    val: TaskArrays | None,
+    train: TrainData,
+    val: TrainData | None,
     stage: _TrainStage,
     trainer_cfg: TrainerConfig,
     checkpoint_dir: str,
@@ -217,6 +247,7 @@ def fit(
     monitor_best: bool = False,
     extra_callbacks: list[Callback] | None = None,
     partly_frozen: bool = False,
+    cache_mb: int = 1024,
 ) -> FitResult:
     """Train `module` for exactly `total_steps` optimizer steps, resuming from `checkpoint_dir` if possible.
 
@@ -269,14 +300,20 @@ def fit(
         num_sanity_val_steps=0,
         log_every_n_steps=trainer_cfg.log_every_n_steps,
         default_root_dir=checkpoint_dir,
+        use_distributed_sampler=False,  # ShardStream gives each rank its share itself
     )
     if ckpt_path:
         if trainer.is_global_zero:
             print(f"[{label}] resuming from {ckpt_path} at step {resumed_from}", flush=True)
     if trainer_cfg.compile:
         compile_in_place(module)
-    train_loader = loader(train, stage.batch_size, trainer_cfg, shuffle=True)
-    val_loader = loader(val, stage.batch_size * 2, trainer_cfg, shuffle=False) if val is not None else None
+    train_loader = stream(train, stage.batch_size, trainer_cfg, seed, shuffle=True, cache_mb=cache_mb)
+    val_loader = stream(val, stage.batch_size * 2, trainer_cfg, seed, shuffle=False, cache_mb=cache_mb) \
+        if val is not None else None
+    if resumed_from:
+        # The loader continues where the checkpoint was, so the resumed run sees the batches an
+        # uninterrupted one would.
+        train_loader.resume_after(resumed_from, stage.accumulate_grad_batches)
     try:
         with lightning_owns_sigterm():
             trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)

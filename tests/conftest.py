@@ -122,3 +122,27 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Config, dict]:
     root = tmp_path_factory.mktemp("tiny-run")
     cfg = tiny_config(root)
     return root, cfg, run_stages(cfg)
+
+
+def write_photo(path: Path, size: tuple[int, int] = (40, 30), mode: str = "RGB", seed: int = 0, **save) -> Path:
+    """A real image file of `size` (width, height) in Pillow `mode`, format from the suffix (noise pixels).
+
+    Modes with a palette or alpha get one (P: 16 colours; RGBA/LA: alpha varies). `save` goes to
+    Image.save, e.g. exif=... or quality=...
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    width, height = size
+    rgb = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    if mode == "P":
+        image = rgb.quantize(16)
+    elif mode in ("RGBA", "LA"):
+        alpha = Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8))
+        image = rgb.convert(mode[:-1])
+        image.putalpha(alpha)
+    else:
+        image = rgb.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **save)
+    return path

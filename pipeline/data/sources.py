@@ -1,179 +1,294 @@
-"""Dataset sources: `builtin:digits` or an ImageFolder (`<class>/<image>.png|jpg`), local or s3://.
+"""Dataset sources: which images there are, their classes and their bytes' sha256. Nothing is decoded.
 
-Every problem with a folder source is collected before failing, each naming its file or
-folder, so one run tells the user everything to fix.
+- `builtin:digits` (target only): scikit-learn's 1,797 real 8x8 handwritten digits.
+- `builtin:glyphs` (corpus only): synthetic printed digits (pipeline/data/glyphs.py), rendered at
+  the configured size and channels, `pretrain.glyphs_per_class` per digit, from `seed`.
+- an ImageFolder `<class>/<image>` (labelled), local or s3://; images may sit deeper in a class folder.
+- corpus only: a folder with images at its top level (or no sub-folders) is unlabelled: every
+  image anywhere under it.
+Names starting with "." (.DS_Store, macOS `._x.jpg` forks, .ipynb_checkpoints) are not images or classes.
 
-An s3:// source is listed once per run (the listing carries each object's ETag) and each image
-is kept in a local cache keyed by bucket, key and ETag (pipeline/s3.py `cache_dir`): a re-run
-downloads only images that changed. The images are decoded into memory once; training never
-reads the source again (it reads `prepare`'s output, itself loaded into memory once per stage).
+`scan_source` reads each file once: its sha256 and its header (size, mode), never its pixels, so
+nothing holds the dataset in memory. Every problem is collected before failing, each naming its file
+or folder, so one run tells the user everything to fix. An s3:// source is listed once (the listing
+carries each object's ETag) and each object kept in a local cache keyed by bucket, key and ETag
+(pipeline/s3.py `cache_dir`): a re-run downloads only objects that changed.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
-import io
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Union
 
 import numpy as np
 
 from pipeline import storage
+from pipeline.config import Config
+from pipeline.data.glyphs import GLYPHS, RENDERER, GlyphParams, glyph_params
+from pipeline.data.images import IMAGE_SUFFIXES, is_image_name, probe
+from pipeline.data.shards import UNLABELLED
 from pipeline.errors import DataError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+Kind = Literal["data", "corpus"]  # the target (`data.source`) or the pretraining corpus (`pretrain.source`)
+CONFIG_KEY = {"data": "data.source", "corpus": "pretrain.source"}
+BUILTINS = {"data": ("builtin:digits",), "corpus": ("builtin:glyphs",)}
+ID_PREFIX = {"data": "data-", "corpus": "corpus-"}
+# Target: one image each for train, val and test; corpus: train and val.
+MIN_IMAGES = {"data": 3, "corpus": 2}
+_SUFFIXES_SHOWN = "/".join(IMAGE_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class RemoteObject:
+    """An object read from S3 on use: the local object cache is off or could not be written."""
+
+    uri: str
+
+
+# Where an item's pixels come from: a local file (source or cached object), an S3 object, a builtin
+# array, or a glyph's draws.
+Origin = Union[str, RemoteObject, np.ndarray, GlyphParams]
+
+
+@dataclass(frozen=True, eq=False)
+class Item:
+    path: str  # as the user names it: the source's path or URI, or builtin:<name>/<i>
+    label: int  # index into SourceScan.classes, or UNLABELLED
+    origin: Origin
+    sha256: str  # of the file's bytes (builtins: of what identifies their pixels)
+    width: int
+    height: int
+    mode: str  # Pillow's, from the header
 
 
 @dataclass
-class RawDataset:
-    images: np.ndarray  # uint8, (N, H, W, C)
-    labels: np.ndarray  # int64 indices into class_names
-    class_names: list[str]
-    files: list[str]  # where each image came from, for the manifest
-    hashes: list[str]  # sha256 of each image's stored bytes
+class SourceScan:
+    source: str
+    kind: Kind
+    classes: list[str]  # [] for an unlabelled corpus
+    items: list[Item]  # every readable image, in listing order (class, then path)
+    problems: list[str]
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.classes)
+
+    @property
+    def files(self) -> list[str]:
+        """The source files the dataset is made of (paths or URIs as the user wrote them); [] for builtins."""
+        return [item.path for item in self.items if isinstance(item.origin, (str, RemoteObject))]
+
+    def class_name(self, item: Item) -> str | None:
+        return None if item.label == UNLABELLED else self.classes[item.label]
+
+    def content_id(self) -> str:
+        """Same bytes with the same classes -> same id, wherever they live. `data-`/`corpus-` + 16 hex."""
+        digest = hashlib.sha256()
+        for file_hash, label in sorted((item.sha256, self.class_name(item) or "") for item in self.items):
+            digest.update(f"{file_hash} {label}\n".encode())
+        return ID_PREFIX[self.kind] + digest.hexdigest()[:16]
+
+    def check(self) -> None:
+        if self.problems:
+            raise DataError(self.problems)
 
 
-def load_source(source: str) -> RawDataset:
-    if source == "builtin:digits":
-        return _load_digits()
+def content_id(source: str, kind: Kind, cfg: Config) -> str:
+    """The id `prepare` (kind "data") or `corpus` writes as data_version, from hashes alone (no decoding).
+
+    Raises DataError listing every problem the stage would find before decoding."""
+    scan = scan_source(source, kind, cfg)
+    scan.check()
+    return scan.content_id()
+
+
+def scan_source(source: str, kind: Kind, cfg: Config) -> SourceScan:
+    """List `source` and hash every image in it. Problems are collected in `.problems`, not raised,
+    except a source that cannot be listed at all (missing, not a folder, access denied)."""
+    if source == "builtin:digits" and kind == "data":
+        return _digits(source)
+    if source == "builtin:glyphs" and kind == "corpus":
+        return _glyphs(source, cfg)
     if source.startswith("builtin:"):
-        raise DataError(f"data.source: unknown builtin dataset {source!r} (known: builtin:digits)")
-    return _load_image_folder(source)
+        known = ", ".join(BUILTINS[kind])
+        raise DataError(f"{CONFIG_KEY[kind]}: unknown builtin dataset {source!r} here (known: {known})")
+    classes, listed, problems = _list_folder(source, kind)
+    items, unreadable = _hash(source, listed, cfg.data.min_image_size)
+    problems += unreadable
+    problems += _count_problems(source, kind, classes, items)
+    return SourceScan(source, kind, classes, items, problems)
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def read_origin(origin: str | RemoteObject, shown: str) -> bytes:
+    """The bytes of a file-backed item (any process: decode workers call this too)."""
+    if isinstance(origin, RemoteObject):
+        return storage.read_bytes(origin.uri)
+    try:
+        return Path(origin).read_bytes()
+    except OSError as exc:
+        raise DataError(f"{shown}: cannot read ({exc})") from None
 
 
-def _load_digits() -> RawDataset:
+# ---------------------------------------------------------------- builtins
+
+
+def _digits(source: str) -> SourceScan:
     from sklearn.datasets import load_digits  # the data ships inside scikit-learn: no download
 
     digits = load_digits()
     # 0..16 intensities -> 0..255 bytes, the same dtype as images read from files.
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    names = [str(n) for n in digits.target_names]
-    return RawDataset(
-        images=images,
-        labels=digits.target.astype(np.int64),
-        class_names=names,
-        files=[f"builtin:digits/{i}" for i in range(len(images))],
-        hashes=[_sha256(img.tobytes()) for img in images],
-    )
+    items = [Item(f"{source}/{i}", int(label), image, hashlib.sha256(image.tobytes()).hexdigest(), 8, 8, "L")
+             for i, (image, label) in enumerate(zip(images, digits.target))]
+    return SourceScan(source, "data", [str(n) for n in digits.target_names], items, [])
 
 
-def _decode(data: bytes, name: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()  # decode fully: a truncated file fails here, not mid-training
-            array = np.asarray(img)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(f"{name}: unreadable or corrupt image ({exc})") from None
-    if array.ndim == 2:
-        array = array[..., None]
-    if array.dtype != np.uint8:
-        raise DataError(f"{name}: unsupported pixel type {array.dtype} (need 8-bit images)")
-    return array
+def _glyphs(source: str, cfg: Config) -> SourceScan:
+    size, channels = cfg.data.image_size, cfg.data.channels
+    items = []
+    for i, params in enumerate(glyph_params(cfg.pretrain.glyphs_per_class, cfg.seed)):
+        # A glyph is identified by its draws and output size (rendering is deterministic), so the
+        # content id needs no rendering.
+        digest = hashlib.sha256(f"{RENDERER} {size}x{size}x{channels} {tuple(params)!r}".encode()).hexdigest()
+        items.append(Item(f"{source}/{i}", params.label, params, digest, size, size, "L" if channels == 1 else "RGB"))
+    return SourceScan(source, "corpus", list(GLYPHS), items, [])
 
 
-def _load_image_folder(root: str) -> RawDataset:
+# ---------------------------------------------------------------- folders
+
+
+def _list_folder(root: str, kind: Kind) -> tuple[list[str], list[tuple[str, int, dict]], list[str]]:
+    """-> (classes, [(fs path, label, listing info)] in listing order, problems), in one recursive listing."""
     fs, base = storage.filesystem(root)
     with storage.access_errors(root):
         if not fs.exists(base) or not fs.isdir(base):
-            raise DataError(f"data.source: {root} does not exist or is not a folder")
-        entries = fs.ls(base, detail=True)
-    class_dirs = sorted(e["name"] for e in entries if e["type"] == "directory")
-    loose = sorted(e["name"] for e in entries if e["type"] != "directory" and e["name"].lower().endswith(IMAGE_SUFFIXES))
-    problems: list[str] = []
-    if loose:
-        problems.append(f"{root}: images found directly in the folder ({loose[0].rsplit('/', 1)[-1]}, ...); "
-                        "expected ImageFolder layout <class>/<image>.png|jpg")
-    if not class_dirs:
-        problems.append(f"{root}: no class folders found (expected <class>/<image>.png|jpg)")
-        raise DataError(problems)
-
-    images, labels, files, hashes = [], [], [], []
-    downloaded = 0
-    names = [d.rstrip("/").rsplit("/", 1)[-1] for d in class_dirs]
-    for label, (folder, name) in enumerate(zip(class_dirs, names)):
-        with storage.access_errors(folder):
-            listing = {f: info for f, info in fs.find(folder, detail=True).items() if f.lower().endswith(IMAGE_SUFFIXES)}
-        members = sorted(listing)
-        if not members:
-            problems.append(f"{_display(root, folder)}: empty class folder (no .png/.jpg images)")
+            raise DataError(f"{CONFIG_KEY[kind]}: {root} does not exist or is not a folder")
+        found = fs.find(base, withdirs=True, detail=True)
+    base = base.rstrip("/")
+    top_dirs, images = set(), {}
+    for name, info in found.items():
+        parts = name[len(base) + 1:].split("/")
+        if name == base or any(part.startswith(".") for part in parts):
             continue
-        with storage.access_errors(folder):
-            contents, fetched = _read_cached(fs, listing) if storage.is_remote(root) else (fs.cat(members), 0)
-        downloaded += fetched
-        for member in members:
-            shown = _display(root, member)
-            try:
-                images.append(_decode(contents[member], shown))
-            except DataError as exc:
-                problems.extend(exc.problems)
-                continue
-            labels.append(label)
-            files.append(shown)
-            hashes.append(_sha256(contents[member]))
-    problems.extend(_shape_problems(images, files))
-    if problems:
-        raise DataError(problems)
-    if storage.is_remote(root):
-        print(f"[source] {root}: {len(files)} images, {downloaded} downloaded, "
-              f"{len(files) - downloaded} from the local cache", flush=True)
-    return RawDataset(np.stack(images), np.asarray(labels, dtype=np.int64), names, files, hashes)
+        if info["type"] == "directory":
+            if len(parts) == 1:
+                top_dirs.add(parts[0])
+        elif is_image_name(parts[-1]):
+            images[name] = (parts[0] if len(parts) > 1 else None, info)
+    loose = sorted(name for name, (folder, _) in images.items() if folder is None)
+
+    if kind == "corpus" and (loose or not top_dirs):  # no images at all: _count_problems says so
+        return [], [(name, UNLABELLED, images[name][1]) for name in sorted(images)], []
+
+    problems = []
+    if loose:
+        hint = " (a plain folder of unlabelled images can be the pretraining corpus, pretrain.source)" \
+            if kind == "data" else ""
+        problems.append(f"{root}: images found directly in the folder ({loose[0].rsplit('/', 1)[-1]}, ...); "
+                        f"expected ImageFolder layout <class>/<image>{hint}")
+    if not top_dirs:
+        problems.append(f"{root}: no class folders found (expected <class>/<image>)")
+    classes = sorted(top_dirs)
+    members = collections.defaultdict(list)
+    for name in sorted(images):
+        if images[name][0] is not None:
+            members[images[name][0]].append(name)
+    listed, display = [], _displayer(root)
+    for label, folder in enumerate(classes):
+        if not members[folder]:
+            problems.append(f"{display(base + '/' + folder)}: empty class folder (no {_SUFFIXES_SHOWN} images)")
+        listed += [(name, label, images[name][1]) for name in members[folder]]
+    return classes, listed, problems
 
 
-def _read_cached(fs, listing: dict[str, dict]) -> tuple[dict[str, bytes], int]:
-    """Objects' bytes, from the local ETag-keyed cache where possible; the rest in one batched fetch."""
+def _hash(root: str, listed: list[tuple[str, int, dict]], min_size: int) -> tuple[list[Item], list[str]]:
+    """sha256 and header of every listed file, in listing order, on threads (hashing releases the GIL; S3
+    GETs overlap). Unreadable or too-small images are problems; a denied or vanished object stops the scan."""
+    fs = storage.filesystem(root)[0]
+    remote, display = storage.is_remote(root), _displayer(root)
+    cache = _object_cache() if remote else None
+
+    def one(entry: tuple[str, int, dict]) -> tuple[Item | None, str | None, bool]:
+        name, label, info = entry
+        shown = display(name)
+        # S3 access errors (denied, vanished) propagate: one message, not one per object.
+        data, origin, downloaded = _fetch(fs, name, info, shown, cache) if remote else (None, name, False)
+        try:
+            data = read_origin(name, shown) if data is None else data
+            width, height, mode = probe(data, shown)
+        except DataError as exc:
+            return None, exc.problems[0], downloaded
+        if min(width, height) < min_size:
+            return None, (f"{shown}: {width}x{height} px, shorter side below data.min_image_size={min_size} "
+                          "(too small to resize up without making blur)"), downloaded
+        return Item(shown, label, origin, hashlib.sha256(data).hexdigest(), width, height, mode), None, downloaded
+
+    items, problems, downloaded = [], [], 0
+    with ThreadPoolExecutor(32 if remote else None) as pool:  # S3: many GETs in flight; local: ~ the cores
+        for item, problem, fetched in pool.map(one, listed):
+            downloaded += fetched
+            items += [item] if item else []
+            problems += [problem] if problem else []
+    if remote:
+        print(f"[source] {root}: {len(listed)} images, {downloaded} downloaded, "
+              f"{len(listed) - downloaded} from the local cache", flush=True)
+    return items, problems
+
+
+def _count_problems(root: str, kind: Kind, classes: list[str], items: list[Item]) -> list[str]:
+    need = MIN_IMAGES[kind]
+    if not classes:
+        return [f"{root}: {len(items)} readable image(s) ({_SUFFIXES_SHOWN}); need at least {need}"] \
+            if len(items) < need else []
+    counts = collections.Counter(item.label for item in items)
+    return [f"{root.rstrip('/')}/{name}: {counts[label]} image(s); need at least {need}"
+            for label, name in enumerate(classes) if 0 < counts[label] < need]
+
+
+# ---------------------------------------------------------------- S3 objects, cached by ETag
+
+
+def _object_cache() -> Path | None:
     from pipeline import s3
 
-    cache = s3.cache_dir()
+    return s3.cache_dir()
+
+
+def _fetch(fs, name: str, info: dict, shown: str, cache: Path | None) -> tuple[bytes, str | RemoteObject, bool]:
+    """(bytes, where later readers find them, whether they were downloaded): the local ETag-keyed copy if any."""
     if cache is None:
-        return fs.cat(sorted(listing)), len(listing)
-
-    def slot(name: str, info: dict) -> Path:
-        version = info.get("ETag") or info.get("etag") or f"{info.get('size')}-{info.get('LastModified')}"
-        digest = hashlib.sha256(f"s3\0{name}\0{version}".encode()).hexdigest()
-        return cache / digest[:2] / digest
-
-    slots = {name: slot(name, info) for name, info in listing.items()}
-    contents = {name: path.read_bytes() for name, path in slots.items() if path.is_file()}
-    missing = sorted(name for name in listing if name not in contents)
-    if missing:
-        fetched = fs.cat(missing)  # concurrent GETs
-        for name in missing:
-            contents[name] = fetched[name]
-            _cache_put(slots[name], fetched[name])
-    return contents, len(missing)
+        return storage.read_bytes(shown), RemoteObject(shown), True
+    version = info.get("ETag") or info.get("etag") or f"{info.get('size')}-{info.get('LastModified')}"
+    digest = hashlib.sha256(f"s3\0{name}\0{version}".encode()).hexdigest()
+    slot = cache / digest[:2] / digest
+    if slot.is_file():
+        try:
+            return slot.read_bytes(), str(slot), False
+        except OSError:
+            pass
+    with storage.access_errors(shown):
+        data = fs.cat_file(name)
+    return data, (str(slot) if _cache_put(slot, data) else RemoteObject(shown)), True
 
 
-def _cache_put(path: Path, data: bytes) -> None:
+def _cache_put(path: Path, data: bytes) -> bool:
     """Write-then-rename, so a killed run never leaves a half image in the cache (no fsync: it is a cache)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(data)}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_bytes(data)
         os.replace(tmp, path)
+        return True
     except OSError:
-        pass  # a read-only or full cache disk costs speed, not correctness
+        return False  # a read-only or full cache disk costs speed, not correctness
 
 
-def _display(root: str, path: str) -> str:
-    """The path as the user wrote it: s3://bucket/... stays an s3 URI."""
+def _displayer(root: str):
+    """fs path -> the path as the user wrote it: s3://bucket/... stays an s3 URI, a relative folder relative."""
     fs_root = storage.filesystem(root)[1].rstrip("/")
-    return root.rstrip("/") + path[len(fs_root):] if path.startswith(fs_root) else path
-
-
-def _shape_problems(images: list[np.ndarray], files: list[str]) -> list[str]:
-    if not images:
-        return []
-    shapes = [img.shape for img in images]
-    expected = max(set(shapes), key=shapes.count)  # the majority shape is taken as intended
-    return [
-        f"{file}: image is {shape[1]}x{shape[0]} with {shape[2]} channel(s); "
-        f"the rest are {expected[1]}x{expected[0]} with {expected[2]} (sizes and channels must match)"
-        for file, shape in zip(files, shapes)
-        if shape != expected
-    ]
+    shown_root = root.rstrip("/")
+    return lambda path: shown_root + path[len(fs_root):] if path.startswith(fs_root) else path

@@ -89,6 +89,7 @@ class ShardStream:
         self.readahead, self.cache_bytes, self.device = max(1, readahead), cache_bytes, device
         self.rank_world = rank_world  # None: from torch.distributed once the process group is up
         self.sampler = _EpochSampler()
+        self.batch_sampler = None  # as a DataLoader says "I batch myself" to Lightning's checks
         self._resume_epoch, self._resume_batches = -1, 0
         self._resume_step: tuple[int, int] | None = None
         self._held: tuple[torch.Tensor, torch.Tensor] | None = None  # the arrays of global/cached modes

@@ -19,12 +19,23 @@ from sklearn.metrics import precision_recall_fscore_support
 from pipeline import storage
 from pipeline.config import Config
 from pipeline.data.prepared import load_prepared
+from pipeline.data.shards import SplitShards
+from pipeline.data.stream import InMemorySplit, ShardStream
 from pipeline.models.bundle import load_classifier
 from pipeline.runinfo import git_commit, hardware
 
 
-def score(module, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> tuple[dict, torch.Tensor]:
-    logits = module.predict_logits(images, batch_size)
+def predictions(module, data: SplitShards | InMemorySplit, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of a whole split, streamed shard by shard: memory holds logits, not images."""
+    batches = ShardStream(data, batch_size, seed=0, shuffle=False, rank_world=(0, 1))
+    logits, labels = [], []
+    for images, batch_labels in batches:
+        logits.append(module.predict_logits(images, batch_size))
+        labels.append(batch_labels)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def score(logits: torch.Tensor, labels: torch.Tensor) -> tuple[dict, torch.Tensor]:
     predicted = logits.argmax(dim=1)
     return {
         "accuracy": round(float((predicted == labels).float().mean()), 6),
@@ -50,8 +61,8 @@ def confusion_rows(labels: torch.Tensor, predicted: torch.Tensor, classes: list[
 
 def stage_times(cfg: Config) -> dict:
     times = {}
-    for stage in ("prepare", "pretrain", "finetune"):
-        summary = storage.join(cfg.paths.uri(stage if stage != "prepare" else "prepared"), "summary.json")
+    for stage, output in (("prepare", "prepared"), ("corpus", "corpus"), ("pretrain", "pretrain"), ("finetune", "finetune")):
+        summary = storage.join(cfg.paths.uri(output), "summary.json")
         times[stage] = storage.read_json(summary)["wall_time_s"] if storage.exists(summary) else None
     return times
 
@@ -61,28 +72,34 @@ def run(cfg: Config) -> dict:
     data = load_prepared(cfg.paths.uri("prepared"))
     finetune_uri = cfg.paths.uri("finetune")
     storage.require_complete(finetune_uri, produced_by="finetune")
-    test = data.subset("test")
+    test = data.split("test")
     finetuned, classes = load_classifier(storage.join(finetune_uri, "finetuned.pt"))
-    metrics_test, predicted = score(finetuned, test.images, test.labels, cfg.evaluate.batch_size)
+    logits, labels = predictions(finetuned, test, cfg.evaluate.batch_size)
+    metrics_test, predicted = score(logits, labels)
+    pretrained = storage.read_json(storage.join(cfg.paths.uri("pretrain"), "summary.json"))
     metrics: dict = {
         "data_version": data.manifest["data_version"],
+        "corpus_version": pretrained.get("corpus_version"),
         "labels_per_class": cfg.finetune.labels_per_class,
         "test": metrics_test,
-        "per_class": per_class(test.labels, predicted, classes),
+        "per_class": per_class(labels, predicted, classes),
     }
     scratch_uri = storage.join(finetune_uri, "scratch.pt")
     if storage.exists(scratch_uri):
         scratch, _ = load_classifier(scratch_uri)
-        metrics["scratch"] = {"test": score(scratch, test.images, test.labels, cfg.evaluate.batch_size)[0]}
+        metrics["scratch"] = {"test": score(*predictions(scratch, test, cfg.evaluate.batch_size))[0]}
         metrics["transfer_gain"] = round(metrics_test["accuracy"] - metrics["scratch"]["test"]["accuracy"], 6)
     times = stage_times(cfg)
     times["evaluate"] = round(time.perf_counter() - started, 3)
     card = {
         "model": "finetuned.pt",
-        "task": {"classes": classes, "pretraining": cfg.pretrain.objective,
+        "task": {"classes": classes, "pretraining": f"{cfg.pretrain.objective} on {pretrained.get('corpus_source')}",
                  "labels_per_class": cfg.finetune.labels_per_class},
         "data_version": data.manifest["data_version"],
-        "data_source": cfg.data.source,
+        "data_source": data.manifest["source"],
+        "corpus_version": pretrained.get("corpus_version"),
+        "corpus_source": pretrained.get("corpus_source"),
+        "image_transform": data.manifest.get("transform"),
         "git_commit": git_commit(),
         "params": cfg.model_dump(mode="json"),
         "metrics": metrics,
@@ -95,7 +112,7 @@ def run(cfg: Config) -> dict:
         (out / "finetuned.pt").write_bytes(storage.read_bytes(storage.join(finetune_uri, "finetuned.pt")))
         storage.write_json(str(out / "model_card.json"), card)
     reports = cfg.paths.uri("reports")
-    storage.write_bytes(storage.join(reports, "confusion.csv"), confusion_rows(test.labels, predicted, classes))
+    storage.write_bytes(storage.join(reports, "confusion.csv"), confusion_rows(labels, predicted, classes))
     storage.write_json(storage.join(reports, "metrics.json"), metrics)  # last: metrics mean "evaluation finished"
     gain = metrics.get("transfer_gain")
     print(f"[evaluate] test/acc {metrics_test['accuracy']:.4f}"

@@ -21,24 +21,29 @@ import torch
 
 from pipeline import storage
 from pipeline.config import Config
-from pipeline.data.prepared import load_prepared
+from pipeline.data.prepared import PreparedData, load_prepared
+from pipeline.data.stream import InMemorySplit, to_float
 from pipeline.models.bundle import save_classifier
 from pipeline.models.classifier import Classifier
 from pipeline.optim import effective_lr
 from pipeline.training import checkpoint_dir_for, fit, steps_per_epoch, world_size
 
 
-def _train_variant(cfg: Config, variant: str, backbone: dict, train, val, image_shape) -> tuple[Classifier, dict]:
+IMPRINT_MAX_PER_CLASS = 256  # class means for imprinting need a sample, not a whole large dataset
+
+
+def _train_variant(cfg: Config, variant: str, backbone: dict, data: PreparedData, train, val) -> tuple[Classifier, dict]:
     ft = cfg.finetune
     world = world_size(cfg.trainer)
-    total_steps = ft.epochs * steps_per_epoch(len(train.labels), ft, world)
+    image_shape = data.image_shape
+    total_steps = ft.epochs * steps_per_epoch(train.samples, ft, world)
     global_batch = ft.batch_size * ft.accumulate_grad_batches * world
     transfer = variant == "finetuned"
     torch.manual_seed(cfg.seed)  # the new head's (and scratch's) initial weights: same seed, same metrics
     module = Classifier(
         model=backbone["model"],
         image_shape=image_shape,
-        num_classes=len(train.classes),
+        num_classes=len(data.class_names),
         optimizer=ft.optimizer.model_dump(),
         schedule=ft.schedule.model_dump(),
         total_steps=total_steps,
@@ -51,11 +56,14 @@ def _train_variant(cfg: Config, variant: str, backbone: dict, train, val, image_
     if transfer:
         module.backbone.load_state_dict(backbone["backbone"])
         if ft.head_init == "imprint":
-            module.imprint_head(train.images, train.labels)
-    fingerprint = cfg.fingerprint("seed", "data", "trainer", "finetune") + backbone["sha256"][:8]
+            sample = train if isinstance(train, InMemorySplit) else \
+                data.subset("train", per_class=IMPRINT_MAX_PER_CLASS, seed=cfg.seed)
+            module.imprint_head(to_float(torch.as_tensor(sample.images)), torch.as_tensor(sample.labels))
+    fingerprint = (cfg.fingerprint("seed", "data", "trainer", "finetune") + backbone["sha256"][:8]
+                   + data.manifest["data_version"][-6:])
     checkpoints = checkpoint_dir_for(cfg.paths.uri("checkpoints"), f"finetune-{variant}", fingerprint)
     result = fit(module, train, val, ft, cfg.trainer, checkpoints, total_steps, label=f"finetune:{variant}", seed=cfg.seed,
-                 partly_frozen=transfer and ft.freeze_backbone_epochs > 0)
+                 partly_frozen=transfer and ft.freeze_backbone_epochs > 0, cache_mb=cfg.data.cache_mb)
     return module, {
         "steps": result.steps,
         "resumed_from_step": result.resumed_from_step,
@@ -73,17 +81,18 @@ def run(cfg: Config) -> dict:
     # Resumable state must belong to *this* backbone, not to an earlier pretraining with equal params.
     backbone["sha256"] = hashlib.sha256(backbone_bytes).hexdigest()
     budget = None if cfg.finetune.labels_per_class == "all" else cfg.finetune.labels_per_class
-    train = data.subset("train", per_class=budget, seed=cfg.seed)
-    val = data.subset("val")
-    print(f"[finetune] {len(train.classes)} classes: {len(train.labels)} labelled training images "
+    # A label budget is a small sample held in memory; `all` streams the training split.
+    train = data.subset("train", per_class=budget, seed=cfg.seed) if budget is not None else data.split("train")
+    val = data.split("val")
+    print(f"[finetune] {len(data.class_names)} classes: {train.samples} labelled training images "
           f"(labels_per_class={cfg.finetune.labels_per_class})")
     variants = ["finetuned", "scratch"] if cfg.finetune.train_scratch_baseline else ["finetuned"]
-    trained = {v: _train_variant(cfg, v, backbone, train, val, data.image_shape) for v in variants}
+    trained = {v: _train_variant(cfg, v, backbone, data, train, val) for v in variants}
     summary = {
         "stage": "finetune",
         "data_version": data.manifest["data_version"],
-        "classes": train.classes,
-        "labelled_images": len(train.labels),
+        "classes": data.class_names,
+        "labelled_images": train.samples,
         "labels_per_class": cfg.finetune.labels_per_class,
         **{v: {k: val for k, val in info.items() if k != "is_global_zero"} for v, (_, info) in trained.items()},
         "wall_time_s": round(sum(info["wall_time_s"] for _, info in trained.values()), 3),
@@ -92,7 +101,7 @@ def run(cfg: Config) -> dict:
         return summary
     with storage.staged_output(cfg.paths.uri("finetune")) as out:
         for variant, (module, _) in trained.items():
-            save_classifier(module, train.classes, out / f"{variant}.pt")
+            save_classifier(module, data.class_names, out / f"{variant}.pt")
         storage.write_json(str(out / "summary.json"), summary)
     print(f"[finetune] done: " + ", ".join(f"{v} val/acc {info['val_accuracy']}" if info["val_accuracy"] is None
                                           else f"{v} val/acc {info['val_accuracy']:.4f}" for v, (_, info) in trained.items()))

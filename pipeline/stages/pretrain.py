@@ -1,13 +1,13 @@
-"""Stage 2: pretrain the backbone on a *source task* whose labels the target never uses.
+"""Stage 2: pretrain the backbone on its own corpus (`pretrain.source`), never on the target's labels.
 
-Two source tasks (`pretrain.objective`):
-- `glyphs` (default): supervised classification of synthetic printed digits rendered at
-  the target's image size (pipeline/data/glyphs.py). Sim-to-real transfer.
-- `simclr`: self-supervised contrastive learning on the target's *unlabelled* training
-  images; works for any ImageFolder data.
-Either way the target's label budget is the only supervision from the target data, so
-the transfer gain evaluation reports is honest. Resumes from its last checkpoint when
-re-run after an interruption (e.g. pod preemption).
+The corpus is prepared, versioned and cached on its own by the `corpus` stage, so a change of the
+target data never re-runs this stage. Two objectives (`pretrain.objective`):
+- `supervised` (default): classify the corpus's own labels: `builtin:glyphs`, synthetic printed
+  digits (the demo: sim-to-real transfer), or any labelled ImageFolder.
+- `simclr`: self-supervised contrastive learning; labels ignored, so any folder of images works.
+Either way the target's label budget is the only supervision from the target data, so the transfer
+gain evaluation reports is honest. Resumes from its last checkpoint when re-run after an
+interruption (e.g. pod preemption), at the exact batch it had reached.
 
     python -m pipeline pretrain
     python -m pipeline pretrain --set pretrain.epochs=3 --set trainer.precision=bf16-mixed
@@ -21,33 +21,25 @@ import torch
 from pipeline import storage
 from pipeline.config import Config
 from pipeline.data.prepared import load_prepared
-from pipeline.data.glyphs import GLYPHS, render_glyphs
-from pipeline.data.tasks import TaskArrays, to_tensor
+from pipeline.errors import DataError
 from pipeline.models.classifier import Classifier
 from pipeline.models.contrastive import ContrastivePretrainer
 from pipeline.optim import effective_lr
 from pipeline.training import checkpoint_dir_for, fit, steps_per_epoch, world_size
 
 
-def source_task(cfg: Config, data) -> tuple[TaskArrays, TaskArrays]:
-    if cfg.pretrain.objective == "simclr":
-        return data.subset("train"), data.subset("val")  # labels are in the arrays but never read
-    images, labels = render_glyphs(cfg.pretrain.glyphs_per_class, data.image_shape, cfg.seed)
-    held_out = len(labels) // 10
-    classes = list(GLYPHS)
-    return (TaskArrays(to_tensor(images[held_out:]), torch.from_numpy(labels[held_out:]), classes),
-            TaskArrays(to_tensor(images[:held_out]), torch.from_numpy(labels[:held_out]), classes))
-
-
 def run(cfg: Config) -> dict:
-    data = load_prepared(cfg.paths.uri("prepared"))
-    train, val = source_task(cfg, data)
+    corpus = load_prepared(cfg.paths.uri("corpus"), produced_by="corpus")
+    if cfg.pretrain.objective == "supervised" and not corpus.class_names:
+        raise DataError(f"pretrain.source {corpus.manifest['source']}: unlabelled images; "
+                        "pretrain.objective=supervised needs class folders (use simclr)")
+    train, val = corpus.split("train"), corpus.split("val")
     world = world_size(cfg.trainer)
-    total_steps = cfg.pretrain.epochs * steps_per_epoch(len(train.labels), cfg.pretrain, world)
+    total_steps = cfg.pretrain.epochs * steps_per_epoch(train.samples, cfg.pretrain, world)
     global_batch = cfg.pretrain.batch_size * cfg.pretrain.accumulate_grad_batches * world
     common = dict(
         model=cfg.pretrain.model.model_dump(),
-        image_shape=data.image_shape,
+        image_shape=corpus.image_shape,
         optimizer=cfg.pretrain.optimizer.model_dump(),
         schedule=cfg.pretrain.schedule.model_dump(),
         total_steps=total_steps,
@@ -59,15 +51,18 @@ def run(cfg: Config) -> dict:
         module = ContrastivePretrainer(**common, temperature=cfg.pretrain.temperature,
                                        projection_dim=cfg.pretrain.projection_dim)
     else:
-        module = Classifier(**common, num_classes=len(train.classes), augment=True)
-    fingerprint = cfg.fingerprint("seed", "data", "trainer", "pretrain") + data.manifest["data_version"][-6:]
+        module = Classifier(**common, num_classes=len(corpus.class_names), augment=True)
+    # Resumable state belongs to this corpus content at this image shape; the target data plays no part.
+    shape = "x".join(map(str, corpus.image_shape))
+    fingerprint = cfg.fingerprint("seed", "trainer", "pretrain") + f"-{shape}-" + corpus.manifest["data_version"][-6:]
     checkpoints = checkpoint_dir_for(cfg.paths.uri("checkpoints"), "pretrain", fingerprint)
     result = fit(module, train, val, cfg.pretrain, cfg.trainer, checkpoints, total_steps,
-                 label="pretrain", seed=cfg.seed, monitor_best=True)
+                 label="pretrain", seed=cfg.seed, monitor_best=True, cache_mb=cfg.data.cache_mb)
     summary = {
         "stage": "pretrain",
         "objective": cfg.pretrain.objective,
-        "data_version": data.manifest["data_version"],
+        "corpus_version": corpus.manifest["data_version"],
+        "corpus_source": corpus.manifest["source"],
         "steps": result.steps,
         "resumed_from_step": result.resumed_from_step,
         "world_size": world,
@@ -85,8 +80,8 @@ def run(cfg: Config) -> dict:
         torch.save({
             "backbone": module.backbone.state_dict(),
             "model": cfg.pretrain.model.model_dump(),
-            "image_shape": list(data.image_shape),
-            "data_version": data.manifest["data_version"],
+            "image_shape": list(corpus.image_shape),
+            "corpus_version": corpus.manifest["data_version"],
         }, out / "backbone.pt")
         storage.write_json(str(out / "summary.json"), summary)
     best = "n/a (resumed at the end: nothing left to validate)" if result.best_score is None else f"{result.best_score:.4f}"

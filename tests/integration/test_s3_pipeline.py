@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from pipeline import storage
@@ -145,16 +146,25 @@ def test_flow_shares_run_cache_through_s3_dvc_remote(s3, tmp_path):
     s3.assert_no_secret(logs_first, logs_second, *(p.read_text() for p in tmp_path.glob("clone-*/runs/*/.dvc/config")))
 
 
-def test_dataloader_workers_start_clean_after_s3_use(s3):
-    """s3fs's event-loop thread exists before workers start; forkserver workers never inherit it."""
-    import torch
+def test_shards_stream_from_s3_read_ahead_in_threads_as_from_disk(s3, tmp_path):
+    """Each rank's shards come from S3 one GET per shard, read ahead in threads; batches equal the local ones."""
+    import numpy as np
 
-    from pipeline.config import TrainerConfig
-    from pipeline.data.tasks import TaskArrays
-    from pipeline.training import loader
+    from pipeline.data.shards import Sample, SplitShards, write_split
+    from pipeline.data.stream import ShardStream
 
-    storage.write_bytes(s3.uri("probe"), b"x")  # s3fs's IO thread and sessions now exist
-    data = TaskArrays(torch.zeros(8, 1, 4, 4), torch.zeros(8, dtype=torch.long), ["a"])
-    batches = loader(data, 4, TrainerConfig(num_workers=1), shuffle=False)
-    assert batches.multiprocessing_context.get_start_method() == "forkserver"
-    assert sum(len(labels) for _, labels in batches) == 8
+    entries = write_split(tmp_path, "train", (Sample(f"{i:08d}", np.full((4, 4, 3), i, np.uint8), i % 5)
+                                              for i in range(60)), 7)
+    for entry in entries:
+        storage.write_bytes(s3.uri("prepared", entry["name"]), (tmp_path / entry["name"]).read_bytes())
+    counts = tuple(e["samples"] for e in entries)
+
+    def batches(root, rank):
+        split = SplitShards(tuple(storage.join(root, e["name"]) for e in entries), counts, (3, 4, 4))
+        stream = ShardStream(split, 8, seed=3, shuffle=True, readahead=3, cache_bytes=0, rank_world=(rank, 2))
+        return [(images.clone(), labels.clone()) for images, labels in stream]
+
+    for rank in (0, 1):
+        remote, local = batches(s3.uri("prepared"), rank), batches(str(tmp_path), rank)
+        assert len(remote) == len(local) == 4
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(remote, local))

@@ -1,132 +1,192 @@
-"""Dataset sources: builtin digits, ImageFolder validation (every problem named), splits, data version."""
+"""Dataset sources: listing, hashing and validation (every problem named), splits, content ids. No decoding."""
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pipeline.data.sources import load_source
-from pipeline.data.tasks import SPLITS, select
+from pipeline.data.shards import UNLABELLED
+from pipeline.data.sources import content_id, scan_source
+from pipeline.data.tasks import SPLITS
 from pipeline.errors import DataError
 from pipeline.stages.prepare import data_version, stratified_split
-from tests.conftest import make_image_folder, write_png
+from tests.conftest import make_image_folder, tiny_config, write_photo, write_png
 
 
-def test_builtin_digits_is_the_real_sklearn_set():
-    raw = load_source("builtin:digits")
-    assert raw.images.shape == (1797, 8, 8, 1)
-    assert raw.images.dtype == np.uint8 and raw.images.max() == 255
-    assert raw.class_names == [str(d) for d in range(10)]
-    assert len(set(raw.hashes)) > 1700 and len(raw.files) == 1797
+@pytest.fixture
+def cfg(tmp_path: Path):
+    return tiny_config(tmp_path / "run")
 
 
-def test_unknown_builtin_names_data_source():
+def test_builtin_digits_is_the_real_sklearn_set(cfg):
+    scan = scan_source("builtin:digits", "data", cfg)
+    assert len(scan.items) == 1797 and scan.problems == []
+    assert scan.classes == [str(d) for d in range(10)]
+    first = scan.items[0].origin
+    assert first.shape == (8, 8, 1) and first.dtype == np.uint8
+    assert max(int(item.origin.max()) for item in scan.items) == 255
+    assert len({item.sha256 for item in scan.items}) > 1700
+    assert scan.items[5].path == "builtin:digits/5" and scan.files == []
+
+
+def test_builtin_digits_content_id_unchanged(cfg):
+    # The id the pre-shard pipeline gave the digits (sha256 of each 8x8x1 array's bytes, with its class):
+    # existing runs, registries and pins keep matching.
+    assert content_id("builtin:digits", "data", cfg) == "data-06042341fe50ad92"
+
+
+def test_builtins_belong_to_their_stage(cfg):
     with pytest.raises(DataError, match="data.source.*builtin:nope"):
-        load_source("builtin:nope")
+        scan_source("builtin:nope", "data", cfg)
+    with pytest.raises(DataError, match="data.source.*builtin:glyphs.*known: builtin:digits"):
+        scan_source("builtin:glyphs", "data", cfg)
+    with pytest.raises(DataError, match="pretrain.source.*builtin:digits.*known: builtin:glyphs"):
+        scan_source("builtin:digits", "corpus", cfg)
 
 
-def test_image_folder_loads(tmp_path: Path):
+def test_builtin_glyphs_are_listed_without_rendering(tmp_path: Path):
+    cfg = tiny_config(tmp_path, "pretrain.glyphs_per_class=12")
+    scan = scan_source("builtin:glyphs", "corpus", cfg)
+    assert len(scan.items) == 120 and scan.classes == list("0123456789") and scan.labelled
+    assert [item.label for item in scan.items[:11]] == [*range(10), 0]
+    again = scan_source("builtin:glyphs", "corpus", cfg)
+    assert scan.content_id() == again.content_id() and scan.content_id().startswith("corpus-")
+    bigger = scan_source("builtin:glyphs", "corpus", tiny_config(tmp_path, "pretrain.glyphs_per_class=12",
+                                                                 "data.image_size=16"))
+    assert bigger.content_id() != scan.content_id()  # other pixels, other id
+    reseeded = scan_source("builtin:glyphs", "corpus", tiny_config(tmp_path, "pretrain.glyphs_per_class=12", "seed=7"))
+    assert reseeded.content_id() != scan.content_id()
+
+
+def test_image_folder_listing(tmp_path: Path, cfg):
     root = make_image_folder(tmp_path / "digits", classes=3, per_class=4)
-    raw = load_source(str(root))
-    assert raw.class_names == ["digit0", "digit1", "digit2"]
-    assert raw.images.shape == (12, 8, 8, 1)
-    assert np.bincount(raw.labels).tolist() == [4, 4, 4]
-    assert raw.files[0] == f"{root}/digit0/000.png"
-    assert len(raw.hashes[0]) == 64
+    write_png(root / "digit1" / "nested" / "deep.png", np.zeros((8, 8), dtype=np.uint8))
+    (root / "digit0" / "notes.txt").write_text("not an image")
+    write_png(root / "digit0" / "._000.png", np.zeros((8, 8), dtype=np.uint8))  # macOS fork: hidden
+    write_png(root / ".ipynb_checkpoints" / "x.png", np.zeros((8, 8), dtype=np.uint8))
+    scan = scan_source(str(root), "data", cfg)
+    assert scan.problems == [] and scan.classes == ["digit0", "digit1", "digit2"]
+    assert [item.label for item in scan.items] == [0] * 4 + [1] * 5 + [2] * 4
+    assert scan.items[0].path == f"{root}/digit0/000.png"
+    assert f"{root}/digit1/nested/deep.png" in scan.files
+    png = root / "digit2" / "003.png"
+    item = next(i for i in scan.items if i.path == str(png))
+    assert item.sha256 == hashlib.sha256(png.read_bytes()).hexdigest()
+    assert (item.width, item.height, item.mode) == (8, 8, "L")
+    assert item.origin == str(png)  # a local file is read where it is
 
 
-def test_rgb_and_jpg_images_load(tmp_path: Path):
-    rng = np.random.default_rng(0)
-    for cls in ("cat", "dog"):
-        for i in range(3):
-            write_png(tmp_path / cls / f"{i}.png", rng.integers(0, 255, (6, 5, 3), dtype=np.uint8))
-    from PIL import Image
-
-    Image.fromarray(rng.integers(0, 255, (6, 5, 3), dtype=np.uint8)).save(tmp_path / "dog" / "x.JPG")
-    raw = load_source(str(tmp_path))
-    assert raw.images.shape == (7, 6, 5, 3)
-
-
-def _problems(source: Path) -> str:
-    with pytest.raises(DataError) as err:
-        load_source(str(source))
-    return err.value.render()
+def test_image_folder_content_id_is_the_old_data_version(tmp_path: Path, cfg):
+    root = make_image_folder(tmp_path / "d", classes=2, per_class=3)
+    write_photo(root / "digit1" / "photo.JPG", size=(30, 20))
+    # The pre-shard algorithm: sorted "<sha256 of the file> <class>" lines.
+    lines = sorted(f"{hashlib.sha256(p.read_bytes()).hexdigest()} {p.parent.name}\n"
+                   for p in root.rglob("*") if p.is_file())
+    expected = "data-" + hashlib.sha256("".join(lines).encode()).hexdigest()[:16]
+    assert content_id(str(root), "data", cfg) == expected
+    assert data_version(scan_source(str(root), "data", cfg)) == expected
 
 
-def test_missing_folder_named(tmp_path: Path):
-    assert f"{tmp_path / 'nowhere'}" in _problems(tmp_path / "nowhere")
+def test_content_id_depends_on_content_not_location(tmp_path: Path, cfg):
+    root = make_image_folder(tmp_path / "a", classes=2, per_class=3)
+    moved = tmp_path / "elsewhere" / "b"
+    shutil.copytree(root, moved)
+    version = content_id(str(root), "data", cfg)
+    assert version.startswith("data-") and content_id(str(moved), "data", cfg) == version
+    write_png(moved / "digit1" / "extra.png", np.full((8, 8), 7, dtype=np.uint8))
+    assert content_id(str(moved), "data", cfg) != version
+    shutil.move(moved / "digit1" / "extra.png", moved / "digit0" / "extra.png")
+    assert content_id(str(moved), "data", cfg) != version  # same bytes, other class
 
 
-def test_file_instead_of_folder_named(tmp_path: Path):
+def test_unlabelled_corpus_is_every_image_under_the_folder(tmp_path: Path, cfg):
+    root = tmp_path / "photos"
+    write_photo(root / "a.jpg")
+    write_photo(root / "2023" / "b.png", seed=1)
+    write_photo(root / "2023" / "06" / "c.webp", seed=2)
+    (root / "index.html").write_text("<html/>")
+    scan = scan_source(str(root), "corpus", cfg)
+    assert scan.problems == [] and scan.classes == [] and not scan.labelled
+    assert [item.path for item in scan.items] == [f"{root}/2023/06/c.webp", f"{root}/2023/b.png", f"{root}/a.jpg"]
+    assert {item.label for item in scan.items} == {UNLABELLED}
+    assert scan.content_id().startswith("corpus-") and content_id(str(root), "corpus", cfg) == scan.content_id()
+
+
+def test_image_folder_corpus_is_labelled(tmp_path: Path, cfg):
+    root = make_image_folder(tmp_path / "d", classes=2, per_class=2)
+    scan = scan_source(str(root), "corpus", cfg)
+    assert scan.problems == [] and scan.classes == ["digit0", "digit1"]  # 2 per class is enough for train/val
+
+
+def _problems(source: Path, cfg, kind="data") -> list[str]:
+    try:
+        scan = scan_source(str(source), kind, cfg)
+    except DataError as exc:
+        return exc.problems
+    assert scan.problems, "expected problems"
+    with pytest.raises(DataError):
+        content_id(str(source), kind, cfg)
+    return scan.problems
+
+
+def test_missing_folder_named(tmp_path: Path, cfg):
+    assert any(f"{tmp_path / 'nowhere'}" in p for p in _problems(tmp_path / "nowhere", cfg))
+
+
+def test_file_instead_of_folder_named(tmp_path: Path, cfg):
     (tmp_path / "file.png").write_bytes(b"x")
-    assert "file.png" in _problems(tmp_path / "file.png")
+    assert any("file.png" in p for p in _problems(tmp_path / "file.png", cfg))
 
 
-def test_no_class_folders(tmp_path: Path):
+def test_no_class_folders(tmp_path: Path, cfg):
     (tmp_path / "notes.txt").write_text("hello")
-    assert "no class folders" in _problems(tmp_path)
+    assert any("no class folders" in p for p in _problems(tmp_path, cfg))
 
 
-def test_corrupt_image_named(tmp_path: Path):
-    root = make_image_folder(tmp_path / "d", classes=2, per_class=3)
-    (root / "digit1" / "001.png").write_bytes(b"\x89PNG not really an image")
-    text = _problems(root)
-    assert f"{root}/digit1/001.png: unreadable or corrupt image" in text
+def test_corpus_without_images(tmp_path: Path, cfg):
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    problems = _problems(tmp_path, cfg, kind="corpus")
+    assert any("broken.jpg: not an image" in p for p in problems)
+    assert any(f"{tmp_path}: 0 readable image(s)" in p for p in problems)
 
 
-def test_truncated_image_named(tmp_path: Path):
-    root = make_image_folder(tmp_path / "d", classes=2, per_class=3)
-    target = root / "digit0" / "002.png"
-    target.write_bytes(target.read_bytes()[:40])
-    assert f"{root}/digit0/002.png" in _problems(root)
-
-
-def test_empty_class_named(tmp_path: Path):
-    root = make_image_folder(tmp_path / "d", classes=2, per_class=3)
-    (root / "empty").mkdir()
-    (root / "empty" / "readme.txt").write_text("no images here")
-    assert f"{root}/empty: empty class folder" in _problems(root)
-
-
-def test_mixed_sizes_and_channels_named(tmp_path: Path):
-    root = make_image_folder(tmp_path / "d", classes=2, per_class=3)
-    write_png(root / "digit0" / "big.png", np.zeros((16, 16), dtype=np.uint8))
-    write_png(root / "digit1" / "rgb.png", np.zeros((8, 8, 3), dtype=np.uint8))
-    text = _problems(root)
-    assert f"{root}/digit0/big.png: image is 16x16 with 1 channel(s)" in text
-    assert f"{root}/digit1/rgb.png: image is 8x8 with 3 channel(s)" in text
-
-
-def test_loose_images_at_root_named(tmp_path: Path):
-    root = make_image_folder(tmp_path / "d", classes=2, per_class=3)
-    write_png(root / "stray.png", np.zeros((8, 8), dtype=np.uint8))
-    text = _problems(root)
-    assert "images found directly in the folder (stray.png" in text
-
-
-def test_sixteen_bit_images_rejected(tmp_path: Path):
-    root = make_image_folder(tmp_path / "d", classes=2, per_class=3)
-    write_png(root / "digit0" / "deep.png", np.zeros((8, 8), dtype=np.uint16))
-    assert f"{root}/digit0/deep.png: unsupported pixel type" in _problems(root)
-
-
-def test_every_problem_reported_in_one_run(tmp_path: Path):
-    root = make_image_folder(tmp_path / "d", classes=3, per_class=3)
+def test_every_problem_reported_in_one_scan(tmp_path: Path, cfg):
+    root = make_image_folder(tmp_path / "d", classes=4, per_class=3)
     (root / "digit0" / "000.png").write_bytes(b"garbage")
-    (root / "digit2" / "001.png").write_bytes(b"more garbage")
+    (root / "digit2" / "001.png").write_text("a text file named .png")
+    write_png(root / "digit1" / "tiny.png", np.zeros((4, 12), dtype=np.uint8))
     (root / "hollow").mkdir()
-    write_png(root / "digit1" / "wide.png", np.zeros((8, 12), dtype=np.uint8))
-    with pytest.raises(DataError) as err:
-        load_source(str(root))
-    problems = err.value.problems
-    assert len(problems) == 4
-    for name in ("digit0/000.png", "digit2/001.png", "hollow", "digit1/wide.png"):
-        assert any(name in p for p in problems), name
+    (root / "hollow" / "readme.txt").write_text("no images here")
+    write_png(root / "stray.png", np.zeros((8, 8), dtype=np.uint8))
+    for extra in sorted((root / "digit3").iterdir())[2:]:
+        extra.unlink()
+    problems = _problems(root, cfg)
+    expected = {
+        "digit0/000.png": "not an image",
+        "digit2/001.png": "not an image",
+        "digit1/tiny.png": "12x4 px, shorter side below data.min_image_size=8",
+        "hollow": "empty class folder",
+        "stray.png": "images found directly in the folder",
+        "digit3": "2 image(s); need at least 3",
+        "digit0": "2 image(s)",  # one of its 3 is unreadable
+        "digit2": "2 image(s)",
+    }
+    for name, what in expected.items():
+        assert any(name in p and what in p for p in problems), (name, problems)
+    assert len(problems) == len(expected)
 
 
-# ---------------------------------------------------------------- splits and versions
+def test_min_image_size_is_configurable(tmp_path: Path):
+    root = make_image_folder(tmp_path / "d", classes=2, per_class=3)
+    problems = _problems(root, tiny_config(tmp_path, "data.min_image_size=9"))
+    assert len(problems) == 6 and all("shorter side below data.min_image_size=9" in p for p in problems)
+
+
+# ---------------------------------------------------------------- splits
 
 
 def test_stratified_split_is_seeded_and_stratified():
@@ -138,25 +198,3 @@ def test_stratified_split_is_seeded_and_stratified():
         counts = np.bincount(first[labels == label], minlength=3)
         assert counts[SPLITS["test"]] == 10 and counts[SPLITS["val"]] == 6 and counts[SPLITS["train"]] == 24
 
-
-def test_label_budget_sampling():
-    labels = np.repeat(np.arange(3), 10)
-    images = np.zeros((30, 4, 4, 1), dtype=np.uint8)
-    split = np.zeros(30, dtype=np.int8)
-    task = select(images, labels, split, ["a", "b", "c"], "train", per_class=2, seed=0)
-    assert task.labels.tolist() == [0, 0, 1, 1, 2, 2]
-    assert task.images.shape == (6, 1, 4, 4)
-    assert float(task.images.min()) == -1.0  # scaled to [-1, 1]
-    again = select(images, labels, split, ["a", "b", "c"], "train", per_class=2, seed=0)
-    assert task.labels.tolist() == again.labels.tolist()
-
-
-def test_data_version_depends_on_content_not_location(tmp_path: Path):
-    root = make_image_folder(tmp_path / "a", classes=2, per_class=3)
-    moved = tmp_path / "elsewhere" / "b"
-    shutil.copytree(root, moved)
-    version = data_version(load_source(str(root)))
-    assert version.startswith("data-")
-    assert data_version(load_source(str(moved))) == version
-    write_png(moved / "digit1" / "extra.png", np.full((8, 8), 7, dtype=np.uint8))
-    assert data_version(load_source(str(moved))) != version
