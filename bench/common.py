@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import os
 import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from pipeline.config import Config
 from pipeline.data.tasks import TaskArrays
@@ -40,7 +40,7 @@ def pretrain_classifier(cfg: Config, image_shape: tuple[int, int, int], num_clas
     )
 
 
-def raw_training_steps(module: Classifier, batches: DataLoader, device: torch.device,
+def raw_training_steps(module: Classifier, batches: Iterable, device: torch.device,
                        bf16: bool = False) -> Iterator[torch.Tensor]:
     """fit()'s training step written out in plain PyTorch, epoch after epoch; yields each step's loss.
 
@@ -52,7 +52,9 @@ def raw_training_steps(module: Classifier, batches: DataLoader, device: torch.de
     config = module.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    while True:
+    for epoch in itertools.count():
+        if callable(getattr(getattr(batches, "sampler", None), "set_epoch", None)):
+            batches.sampler.set_epoch(epoch)  # as Lightning does before each epoch
         for images, labels in batches:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with autocast:

@@ -22,10 +22,12 @@ from pathlib import Path
 
 from bench import parity, transfer
 from bench.common import hardware, quiet
+import torch
+
 from pipeline.config import Config, load_config
 from pipeline.data.prepared import load_prepared
-from pipeline.stages import prepare, pretrain
-from pipeline.stages.pretrain import source_task
+from pipeline.data.tasks import TaskArrays, to_tensor
+from pipeline.stages import corpus, prepare, pretrain
 
 REPO = Path(__file__).resolve().parent.parent
 FLOW_OVERHEAD = REPO / "bench" / "flow_overhead.py"
@@ -37,9 +39,10 @@ def _goal(ok: bool | None) -> str:
 
 def lightning_overhead(cfg: Config, epochs: int, repeats: int) -> dict:
     parity_cfg = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"epochs": epochs})})
-    data = load_prepared(cfg.paths.uri("prepared"))
-    train, _ = source_task(parity_cfg, data)
-    result = parity.measure(parity_cfg, train, data.image_shape, repeats=repeats)
+    corpus = load_prepared(cfg.paths.uri("corpus"), produced_by="corpus")  # what the pretrain stage trains on
+    held = corpus.subset("train")
+    train = TaskArrays(to_tensor(held.images), torch.from_numpy(held.labels), corpus.class_names)
+    result = parity.measure(parity_cfg, train, corpus.image_shape, repeats=repeats)
     print(f"  {result.steps} steps x {repeats} alternating runs; per-step losses agree to 5 decimals "
           f"(max |diff| {result.max_loss_diff:.1e}, final loss {result.final_loss:.5f})")
     print(f"  wall time  Lightning {parity.median(result.lightning_s):7.2f} s   PyTorch {parity.median(result.torch_s):7.2f} s")
@@ -114,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     with quiet():
         prepare.run(cfg)
+        corpus.run(cfg)
     print("\n[1/3] Lightning overhead: pretrain loop via pipeline.training.fit vs hand-written PyTorch", flush=True)
     report["lightning_overhead"] = lightning_overhead(cfg, args.parity_epochs, args.repeats)
 

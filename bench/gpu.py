@@ -46,7 +46,7 @@ from pipeline.config import Config, TrainerConfig, load_config
 from pipeline.data.glyphs import GLYPHS, render_glyphs
 from pipeline.data.tasks import TaskArrays, to_tensor
 from pipeline.models.classifier import Classifier
-from pipeline.training import compile_in_place, fit, loader
+from pipeline.training import compile_in_place, fit, stream
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS_SHAPE = (1, 8, 8)  # builtin:digits, the default data source: what the pretrain stage sees
@@ -121,7 +121,7 @@ def torch_throughput(name: str, module: Classifier, data: TaskArrays, trainer: T
     module.to(device).train()
     if trainer.compile:
         compile_in_place(module)
-    batches = loader(data, batch_size, trainer, shuffle=True)
+    batches = stream(data, batch_size, trainer, seed=0, shuffle=True, cache_mb=1 << 20)  # what fit() uses
     clock, began = Stopwatch(cuda=True), None
     run = raw_training_steps(module, batches, device, bf16=trainer.precision == "bf16-mixed")
     for done, _ in enumerate(itertools.islice(run, warmup + steps), start=1):

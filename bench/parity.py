@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from bench.common import Stopwatch, median, pretrain_classifier, pretrain_steps, quiet, raw_training_steps
 from pipeline.config import Config
 from pipeline.data.tasks import TaskArrays
-from pipeline.training import fit, loader
+from pipeline.training import fit, stream
 
 
 class LossRecorder(Callback):
@@ -79,7 +79,7 @@ def torch_loop(cfg: Config, train: TaskArrays, image_shape, total_steps: int) ->
     torch.use_deterministic_algorithms(cfg.trainer.deterministic)
     device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu")
     module.to(device).train()
-    batches = loader(train, cfg.pretrain.batch_size, cfg.trainer, shuffle=True)
+    batches = stream(train, cfg.pretrain.batch_size, cfg.trainer, cfg.seed, shuffle=True, cache_mb=cfg.data.cache_mb)
     losses: list[float] = []
     ends: list[float] = []
     for loss in itertools.islice(raw_training_steps(module, batches, device), total_steps):

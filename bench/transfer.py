@@ -19,7 +19,7 @@ from bench.common import Stopwatch, quiet
 from pipeline import training
 from pipeline.config import Config
 from pipeline.data.prepared import load_prepared
-from pipeline.data.tasks import TaskArrays
+from pipeline.data.tasks import TaskArrays, to_tensor
 from pipeline.stages import finetune
 
 
@@ -88,7 +88,9 @@ class TransferResult:
 
 def measure(cfg: Config, every: int = 1) -> TransferResult:
     """Run the finetune stage (prepare and pretrain outputs must exist under cfg.paths) with probes attached."""
-    test = load_prepared(cfg.paths.uri("prepared")).subset("test")
+    data = load_prepared(cfg.paths.uri("prepared"))
+    held = data.subset("test")
+    test = TaskArrays(to_tensor(held.images), torch.from_numpy(held.labels), data.class_names)
     probes: dict[str, TestAccuracyProbe] = {}
 
     def probed_fit(*args, label: str, **kwargs):

@@ -341,10 +341,10 @@ def _pin_data(ws: wsmod.Workspace, params: TrainingParameters, data: dict) -> tu
         pods.append(f"{section}.version={version}")
         if info["source"].startswith("builtin:"):
             continue
-        workspace.append(f"{section}.source={info['snapshot'].removesuffix('.dvc')}")
         if params.launcher == "kubernetes" and not storage.is_remote(info["source"]):
             raise ConfigError(f"{section}.source: {info['source']!r} is on the flow-run pod; stage pods cannot "
                               "read it (use s3://bucket/prefix or a builtin: source)")
+        workspace.append(f"{section}.source={info['snapshot'].removesuffix('.dvc')}")
     cfg = update_params_file(ws.params_file, workspace)
     if params.launcher != "kubernetes":
         return cfg, params

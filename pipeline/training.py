@@ -30,7 +30,6 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline import storage
 from pipeline.config import TrainerConfig, _TrainStage
@@ -59,47 +58,6 @@ def steps_per_epoch(num_samples: int, stage: _TrainStage, world: int) -> int:
     per_rank = math.ceil(num_samples / world)
     batches = math.ceil(per_rank / stage.batch_size)
     return math.ceil(batches / stage.accumulate_grad_batches)
-
-
-class BatchGatherDataset(TensorDataset):
-    """A batch is one indexed gather per tensor, not `batch_size` item reads and a stack.
-
-    For GPU-resident data that is two kernels per batch instead of a Python loop over items.
-    """
-
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
-        index = torch.as_tensor(indices, device=self.tensors[0].device)
-        return tuple(tensor[index] for tensor in self.tensors)
-
-
-def already_batched(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    return batch
-
-
-def loader(data: TaskArrays, batch_size: int, trainer_cfg: TrainerConfig, shuffle: bool) -> DataLoader:
-    workers = trainer_cfg.num_workers
-    images, labels = data.images, data.labels
-    on_gpu = trainer_cfg.accelerator in ("gpu", "cuda") and torch.cuda.is_available()
-    # One gather per tensor per batch, not `batch_size` item reads and a stack: the same
-    # samples in the same order, at a fraction of the per-step CPU cost.
-    dataset, collate = BatchGatherDataset(images, labels), already_batched
-    if trainer_cfg.data_on_device and on_gpu:
-        # Each rank holds the whole (small) dataset on its own GPU; batches are gathered there.
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        dataset, collate = BatchGatherDataset(images.to(device), labels.to(device)), already_batched
-        workers, on_gpu = 0, False
-    return DataLoader(
-        dataset,
-        collate_fn=collate,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=workers,
-        pin_memory=on_gpu,
-        persistent_workers=workers > 0,  # workers survive epochs: no re-spawn cost each epoch
-        prefetch_factor=4 if workers > 0 else None,
-        # fork is unsafe once s3fs/aiohttp threads exist; forkserver starts clean workers.
-        multiprocessing_context="forkserver" if workers > 0 else None,
-    )
 
 
 class ProgressLines(Callback):

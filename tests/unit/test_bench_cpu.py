@@ -23,10 +23,12 @@ def _tiny_cfg(tmp_path, *extra):
 
 @pytest.mark.slow
 def test_lightning_and_torch_loops_give_the_same_per_step_losses(tmp_path):
-    from pipeline.stages.pretrain import source_task
+    from pipeline.data.glyphs import render_glyphs
+    from pipeline.data.tasks import to_tensor
 
     cfg = _tiny_cfg(tmp_path, "pretrain.epochs=2")
-    train, _ = source_task(cfg, type("Prepared", (), {"image_shape": SHAPE})())
+    images, labels = render_glyphs(cfg.pretrain.glyphs_per_class, SHAPE, cfg.seed)
+    train = TaskArrays(to_tensor(images), torch.from_numpy(labels), list(GLYPHS))
     lightning = parity.lightning_loop(cfg, train, SHAPE, 5)
     torch_run = parity.torch_loop(cfg, train, SHAPE, 5)
     assert len(lightning.losses) == len(torch_run.losses) == 5

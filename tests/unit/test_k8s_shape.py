@@ -130,13 +130,13 @@ def test_pods_get_the_data_version_pin_but_keep_the_remote_source(tmp_path):
     ws.params_file.write_text((Path(__file__).resolve().parents[2] / "params.yaml").read_text())
     source = "s3://bucket/images"
     params = TrainingParameters(launcher="kubernetes", data_source=source, extra_overrides=["seed=3"])
-    cfg, pod_params = _pin_data(ws, params, {"source": source, "data_version": "abc123"})
+    cfg, pod_params = _pin_data(ws, params, {"source": source, "data_version": "abc123", "snapshot": "data/source.dvc"})
     assert (cfg.data.source, cfg.data.version) == ("data/source", "abc123")  # the workspace reads the snapshot
     shipped = pod_params.overrides()
     assert f"data.source={source}" in shipped and "data.version=abc123" in shipped and "seed=3" in shipped
     assert "data.source=data/source" not in shipped
     local = TrainingParameters(launcher="local", data_source="/data/images")
-    assert _pin_data(ws, local, {"source": "/data/images", "data_version": "abc123"})[1] == local
+    assert _pin_data(ws, local, {"source": "/data/images", "data_version": "abc123", "snapshot": "data/source.dvc"})[1] == local
     with pytest.raises(ConfigError, match="data.source: '/data/images'"):
         _pin_data(ws, local.model_copy(update={"launcher": "kubernetes"}), {"source": "/data/images",
                                                                            "data_version": "abc123"})
