@@ -118,7 +118,7 @@ def cli(capsys):
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> tuple[Path, Config, dict]:
-    """The four stages once, in process, on the tiny config: (root, cfg, results by stage)."""
+    """The stages once, in process, on the tiny config: (root, cfg, results by stage)."""
     root = tmp_path_factory.mktemp("tiny-run")
     cfg = tiny_config(root)
     return root, cfg, run_stages(cfg)

@@ -30,7 +30,7 @@ VENV_BIN = str(Path(PYTHON).parent)
 
 # The whole pipeline in ~30 s on a 2-core CPU, every code path still exercised.
 TINY = [o for o in STAGE_TINY if not o.startswith("finetune.labels_per_class=")]  # the flow tests set budgets
-STAGES = ("prepare", "pretrain", "finetune", "evaluate")
+STAGES = ("prepare", "corpus", "pretrain", "finetune", "evaluate")
 QUIET_PREFECT = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no telemetry writes racing the SQLite db
     "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",

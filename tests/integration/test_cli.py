@@ -87,9 +87,9 @@ def _empty_class(root: Path) -> str:
     return f"{root}/digit9: empty class folder"
 
 
-def _mixed_sizes(root: Path) -> str:
-    write_png(root / "digit0" / "large.png", np.zeros((12, 12), dtype=np.uint8))
-    return f"{root}/digit0/large.png"
+def _too_small(root: Path) -> str:
+    write_png(root / "digit0" / "tiny.png", np.zeros((4, 6), dtype=np.uint8))  # below data.min_image_size
+    return f"{root}/digit0/tiny.png"
 
 
 def _loose_image(root: Path) -> str:
@@ -102,8 +102,8 @@ def _missing(root: Path) -> str:
     return f"{root} does not exist"
 
 
-@pytest.mark.parametrize("damage", [_corrupt, _empty_class, _mixed_sizes, _loose_image, _missing],
-                         ids=["corrupt-image", "empty-class", "mixed-sizes", "loose-image", "missing-path"])
+@pytest.mark.parametrize("damage", [_corrupt, _empty_class, _too_small, _loose_image, _missing],
+                         ids=["corrupt-image", "empty-class", "too-small", "loose-image", "missing-path"])
 def test_bad_data_exit_2_naming_it_and_writing_nothing(cli, tmp_path, damage):
     source = make_image_folder(tmp_path / "images", classes=2, per_class=4)
     expected = damage(source)
@@ -121,13 +121,13 @@ def test_bad_data_leaves_previous_prepared_output_untouched(cli, tmp_path):
     code, _, err = cli("prepare", *_tiny(run_root, f"data.source={source}"))
     assert code == 0, err
     prepared = run_root / "data" / "prepared"
-    before = {p.name: p.read_bytes() for p in prepared.iterdir()}
+    before = {str(p): p.read_bytes() for p in prepared.rglob("*") if p.is_file()}
     _corrupt(source)
     _empty_class(source)
     code, _, err = cli("prepare", *_tiny(run_root, f"data.source={source}"))
     assert code == 2
     assert "2 data problem(s)" in err and "digit1/002.png" in err and "digit9" in err
-    assert {p.name: p.read_bytes() for p in prepared.iterdir()} == before
+    assert {str(p): p.read_bytes() for p in prepared.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in prepared.parent.iterdir()) == ["prepared"]
 
 

@@ -19,7 +19,7 @@ DDP = [*TINY, "pretrain.glyphs_per_class=40", "pretrain.epochs=3", "pretrain.bat
 
 @pytest.mark.slow
 def test_two_node_ddp_pretrain(workdir):
-    stage_runner("prepare")(load_config(workdir / "params.yaml", [*TINY, f"paths.root={workdir}"]))
+    stage_runner("corpus")(load_config(workdir / "params.yaml", [*DDP, f"paths.root={workdir}"]))
     cfg = load_config(workdir / "params.yaml", DDP)
     train_images = 10 * cfg.pretrain.glyphs_per_class * 9 // 10
     expected_steps = cfg.pretrain.epochs * steps_per_epoch(train_images, cfg.pretrain, world=2)

@@ -117,7 +117,7 @@ def test_ui_run_through_the_real_worker_trains_promotes_on_s3_and_retrain_launch
         flow_job = flow_jobs[0]
         assert flow_job["metadata"]["labels"]["prefect.io/flow-run-id"] == str(run_id)
         assert sorted(j["metadata"]["labels"][STAGE_LABEL] for j in stage_jobs) == \
-            ["evaluate", "finetune", "prepare", "pretrain"]
+            ["corpus", "evaluate", "finetune", "prepare", "pretrain"]
         for job in stage_jobs:  # losing the flow-run Job garbage-collects its GPU Jobs
             (owner,) = job["metadata"]["ownerReferences"]
             assert (owner["kind"], owner["name"], owner["uid"]) == \

@@ -63,7 +63,7 @@ def test_two_node_ddp_stages_through_kubernetes(standin_cluster, flow_env, s3, t
     state = train(params, return_state=True)
     assert state.is_completed(), state
     result = state.result()
-    assert result["stages"] == {s: "ran" for s in ("prepare", "pretrain", "finetune", "evaluate")}
+    assert result["stages"] == {s: "ran" for s in ("prepare", "corpus", "pretrain", "finetune", "evaluate")}
     summary = json.loads(s3.fs.cat(f"{_keyed(s3, 'pretrain')}/summary.json"))
     assert summary["world_size"] == 2
     assert [r[3] for r in standin_cluster.requests("delete", "jobs")] == [orphan]

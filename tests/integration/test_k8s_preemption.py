@@ -35,7 +35,7 @@ def _run_and_evict(standin, tmp_path, nodes: int, evict_index: int) -> tuple[int
     from pipeline.stages import stage_runner
     from tests.conftest import PARAMS
 
-    stage_runner("prepare")(load_config(PARAMS, sets))
+    stage_runner("corpus")(load_config(PARAMS, sets))  # pretrain reads the corpus only
     cfg = KubernetesLaunchConfig(namespace="ml", image="registry.example/pipeline:test", nodes=nodes,
                                  poll_seconds=0.3, log_dir=str(tmp_path / "logs"), termination_grace_seconds=20,
                                  max_restarts=3)

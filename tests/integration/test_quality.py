@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow
 def pretrained_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("quality")
     cfg = load_config(PARAMS, [f"paths.root={root}"])
-    stage_runner("prepare")(cfg)
-    stage_runner("pretrain")(cfg)
+    for stage in ("prepare", "corpus", "pretrain"):
+        stage_runner(stage)(cfg)
     return root
 
 

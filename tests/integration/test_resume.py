@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.config import load_config
 from pipeline.stages import stage_runner
@@ -50,7 +51,7 @@ def _terminate_after_steps(workdir: Path, min_step: int) -> tuple[int, str, str,
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_exits_143_and_resumes_to_the_same_total(workdir):
-    stage_runner("prepare")(load_config(workdir / "params.yaml", [*RESUMABLE, f"paths.root={workdir}"]))
+    stage_runner("corpus")(load_config(workdir / "params.yaml", [*RESUMABLE, f"paths.root={workdir}"]))
     total = _expected_steps(workdir)
 
     code, out, err, signalled_at = _terminate_after_steps(workdir, min_step=7)
@@ -79,3 +80,14 @@ def test_sigterm_checkpoints_exits_143_and_resumes_to_the_same_total(workdir):
     assert summary["steps"] == total
     assert summary["resumed_from_step"] == stopped_at
     assert (workdir / "models" / "pretrain" / "_COMPLETE").exists()
+
+    # The resumed run restarted mid-epoch at the batch it had reached, with the RNG state of that moment
+    # (pipeline/data/stream.py, training.ResumeCheckpoint): its weights are an uninterrupted run's, exactly.
+    reference = workdir / "reference"
+    fresh = run_cli(["pretrain", *sets([*RESUMABLE, f"paths.root={reference}",
+                                        f"paths.corpus={workdir / 'data' / 'corpus'}"])], cwd=workdir)
+    assert fresh.returncode == 0, fresh.stdout + fresh.stderr
+    resumed_weights = torch.load(workdir / "models/pretrain/backbone.pt", weights_only=False)["backbone"]
+    fresh_weights = torch.load(reference / "models/pretrain/backbone.pt", weights_only=False)["backbone"]
+    assert resumed_weights.keys() == fresh_weights.keys()
+    assert all(torch.equal(resumed_weights[k], fresh_weights[k]) for k in fresh_weights)

@@ -135,7 +135,7 @@ def test_flow_shares_run_cache_through_s3_dvc_remote(s3, tmp_path):
 
     second, logs_second = _flow(_project(tmp_path / "clone-b", overrides), tmp_path, s3)
     restored = {stage for stage, outcome in second.items() if outcome == "restored from the run-cache"}
-    assert restored == {"prepare", "pretrain", "finetune", "evaluate"}, logs_second
+    assert restored == {"prepare", "corpus", "pretrain", "finetune", "evaluate"}, logs_second
     metrics = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("clone-*/runs/*/reports/metrics.json"))
                if not p.parents[1].is_symlink()]  # runs/latest points at the same run
     assert len(metrics) == 2 and metrics[0]["test"] == metrics[1]["test"]

@@ -12,6 +12,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data.prepared import load_prepared
+from pipeline.data.shards import read_shard
 from pipeline.errors import DataError
 from pipeline.models.bundle import load_classifier
 from pipeline.models.classifier import Classifier
@@ -27,26 +28,40 @@ def _json(path: Path) -> dict:
 # ---------------------------------------------------------------- prepare
 
 
-def test_prepare_writes_dataset_and_manifest(tiny_run):
+def _all_samples(prepared) -> dict[str, tuple[np.ndarray, int]]:
+    """key -> (pixels, label) over every split's shards."""
+    out = {}
+    for split in ("train", "val", "test"):
+        shards = prepared.split(split)
+        for uri, count in zip(shards.uris, shards.counts):
+            images, labels, keys = read_shard(uri, count)
+            out.update({key: (image, int(label)) for key, image, label in zip(keys, images, labels)})
+    return out
+
+
+def test_prepare_writes_shards_and_manifest(tiny_run):
     root, cfg, results = tiny_run
     out = root / "data" / "prepared"
-    assert sorted(p.name for p in out.iterdir()) == ["_COMPLETE", "dataset.npz", "manifest.json", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["_COMPLETE", "manifest.json", "shards", "summary.json"]
     manifest = _json(out / "manifest.json")
-    arrays = np.load(out / "dataset.npz")
-    assert arrays["images"].shape == (1797, 8, 8, 1) and arrays["labels"].shape == (1797,)
+    prepared = load_prepared(str(out))
+    samples = _all_samples(prepared)
+    assert len(samples) == 1797 and next(iter(samples.values()))[0].shape == (8, 8, 1)
     assert manifest["classes"] == [str(d) for d in range(10)]
     assert sum(manifest["class_counts"].values()) == 1797
-    assert manifest["class_counts"]["0"] == int((arrays["labels"] == 0).sum())
-    assert sum(manifest["split_counts"].values()) == 1797
+    assert manifest["class_counts"]["0"] == sum(label == 0 for _, label in samples.values())
     assert manifest["split_counts"]["test"] == pytest.approx(0.25 * 1797, abs=10)
+    assert {s: sum(e["samples"] for e in manifest["shards"][s]) for s in ("train", "val", "test")} \
+        == manifest["split_counts"]
     assert manifest["data_version"].startswith("data-") and manifest["data_version"] == results["prepare"]["data_version"]
-    assert manifest["image_shape"] == [8, 8, 1]
+    assert manifest["image_shape"] == [8, 8, 1] and manifest["transform"]["image_size"] == 8
     files = manifest["files"]
     assert len(files) == 1797 and {f["split"] for f in files} == {"train", "val", "test"}
-    # Per-file hashes are real content hashes of the stored images.
+    # Per-file hashes are real content hashes of the source images (the digits need no resizing at 8 px).
     for index in (0, 500, 1796):
-        assert files[index]["sha256"] == hashlib.sha256(arrays["images"][index].tobytes()).hexdigest()
-        assert files[index]["class"] == manifest["classes"][arrays["labels"][index]]
+        pixels, label = samples[files[index]["key"]]
+        assert files[index]["sha256"] == hashlib.sha256(pixels.tobytes()).hexdigest()
+        assert files[index]["class"] == manifest["classes"][label]
 
 
 def test_prepare_is_deterministic(tiny_run, tmp_path):
@@ -54,8 +69,9 @@ def test_prepare_is_deterministic(tiny_run, tmp_path):
     cfg = tiny_config(tmp_path)
     stage_runner("prepare")(cfg)
     first, second = load_prepared(str(root / "data/prepared")), load_prepared(str(tmp_path / "data/prepared"))
-    assert np.array_equal(first.split, second.split)
     assert first.manifest == second.manifest
+    shards = lambda d: {p.name: p.read_bytes() for p in (d / "data/prepared/shards").iterdir()}  # noqa: E731
+    assert shards(root) == shards(tmp_path)  # byte-identical: DVC and the stage cache see no change
 
 
 def test_prepare_split_depends_on_seed(tmp_path):
@@ -63,7 +79,7 @@ def test_prepare_split_depends_on_seed(tmp_path):
     stage_runner("prepare")(tiny_config(tmp_path / "b", "seed=2"))
     a, b = load_prepared(str(tmp_path / "a/data/prepared")), load_prepared(str(tmp_path / "b/data/prepared"))
     assert a.manifest["data_version"] == b.manifest["data_version"]  # same content, same version
-    assert not np.array_equal(a.split, b.split)
+    assert [f["split"] for f in a.manifest["files"]] != [f["split"] for f in b.manifest["files"]]
 
 
 # ---------------------------------------------------------------- pretrain / finetune
@@ -74,14 +90,17 @@ def test_pretrain_trains_the_configured_steps(tiny_run):
     out = root / "models" / "pretrain"
     assert (out / "_COMPLETE").exists()
     summary = _json(out / "summary.json")
-    train_images = 10 * cfg.pretrain.glyphs_per_class * 9 // 10  # a tenth of the glyphs is held out
+    corpus = _json(root / "data/corpus/manifest.json")
+    train_images = corpus["split_counts"]["train"]
+    assert train_images == 10 * cfg.pretrain.glyphs_per_class * 9 // 10  # a tenth of the glyphs is held out
     expected = cfg.pretrain.epochs * steps_per_epoch(train_images, cfg.pretrain, 1)
     assert summary["steps"] == expected == results["pretrain"]["steps"]
     assert summary["resumed_from_step"] == 0 and summary["world_size"] == 1
     assert 0.0 <= summary["best_val_accuracy"] <= 1.0
     backbone = torch.load(out / "backbone.pt", weights_only=False)
     assert backbone["image_shape"] == [1, 8, 8]
-    assert backbone["data_version"] == _json(root / "data/prepared/manifest.json")["data_version"]
+    assert backbone["corpus_version"] == corpus["data_version"] == summary["corpus_version"]
+    assert corpus["data_version"].startswith("corpus-") and corpus["source"] == "builtin:glyphs"
     assert any(key.endswith("weight") for key in backbone["backbone"])
 
 
@@ -178,7 +197,7 @@ def test_rerun_of_a_finished_stage_resumes_at_the_end(tmp_path, capsys):
     """`dvc repro -f` or a flow retry re-runs a finished stage: its last checkpoint is already at the end."""
     cfg = tiny_config(tmp_path, "pretrain.checkpoint_every_n_steps=1", "finetune.checkpoint_every_n_steps=1",
                       "finetune.train_scratch_baseline=false")
-    run_stages(cfg, "prepare", "pretrain", "finetune")
+    run_stages(cfg, "prepare", "corpus", "pretrain", "finetune")
     first = _json(tmp_path / "models/pretrain/summary.json")
     capsys.readouterr()
     again = run_stages(cfg, "pretrain", "finetune")
@@ -206,11 +225,11 @@ def test_bad_data_never_replaces_the_previous_prepared_output(tmp_path):
     cfg = tiny_config(tmp_path / "run", f"data.source={source}")
     stage_runner("prepare")(cfg)
     prepared = tmp_path / "run" / "data" / "prepared"
-    before = {p.name: p.read_bytes() for p in prepared.iterdir()}
+    before = {str(p): p.read_bytes() for p in prepared.rglob("*") if p.is_file()}
     (source / "digit1" / "004.png").write_bytes(b"garbage")
     with pytest.raises(DataError, match="digit1/004.png"):
         stage_runner("prepare")(cfg)
-    assert {p.name: p.read_bytes() for p in prepared.iterdir()} == before
+    assert {str(p): p.read_bytes() for p in prepared.rglob("*") if p.is_file()} == before
     assert [p.name for p in prepared.parent.iterdir()] == ["prepared"]  # no staging folder left behind
 
 
@@ -229,6 +248,7 @@ def test_too_few_images_in_a_class_named(tmp_path):
 def test_image_folder_source_with_simclr_end_to_end(tmp_path):
     source = make_image_folder(tmp_path / "images", classes=3, per_class=10)
     cfg: Config = tiny_config(tmp_path / "run", f"data.source={source}", "pretrain.objective=simclr",
+                              f"pretrain.source={source}",
                               "pretrain.epochs=2", "finetune.labels_per_class=3")
     results = run_stages(cfg)
     manifest = _json(tmp_path / "run/data/prepared/manifest.json")
@@ -243,4 +263,5 @@ def test_image_folder_source_with_simclr_end_to_end(tmp_path):
     assert set(metrics["per_class"]) == {"digit0", "digit1", "digit2"}
     assert "transfer_gain" in metrics
     card = _json(tmp_path / "run/models/release/model_card.json")
-    assert card["data_source"] == str(source) and card["task"]["pretraining"] == "simclr"
+    assert card["data_source"] == str(source) and card["task"]["pretraining"] == f"simclr on {source}"
+    assert card["corpus_version"].startswith("corpus-") and card["corpus_source"] == str(source)
