@@ -10,7 +10,7 @@ export PREFECT_HOME ?= $(abspath .prefect)
 # The embedded server's telemetry heartbeat only adds "database is locked" noise to SQLite.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup run test ui bench lint clean
+.PHONY: setup run test ui bench bench-data lint clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ ui: setup  ## Prefect server + UI on http://127.0.0.1:4200 serving the train/ret
 
 bench: setup  ## CPU benchmarks; prints each measured ratio
 	$(BIN)/python -m bench.cpu
+
+bench-data: setup  ## data benchmarks (issue 12)
+	$(BIN)/python -m bench.data
 
 lint: setup
 	$(BIN)/hadolint Dockerfile

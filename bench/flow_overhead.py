@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ("prepare", "pretrain", "finetune", "evaluate")
+STAGES = ("prepare", "corpus", "pretrain", "finetune", "evaluate")
 VENV_BIN = str(Path(sys.executable).parent)
 
 

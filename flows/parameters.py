@@ -11,6 +11,14 @@ class TrainingParameters(BaseModel):
     """Unset fields keep params.yaml's value."""
 
     data_source: str | None = Field(None, description="builtin:digits, a local ImageFolder path, or s3://bucket/prefix")
+    image_size: int | None = Field(None, ge=1, le=4096, description="side every image is resized and cropped to "
+                                                                   "(photos: 224; the digits demo: 8)")
+    channels: Literal[1, 3] | None = Field(None, description="1 grayscale or 3 RGB")
+    pretrain_source: str | None = Field(
+        None, description="pretraining corpus: builtin:glyphs, an ImageFolder, or a folder of unlabelled images "
+                          "(local or s3://); versioned and cached apart from the target data")
+    pretrain_objective: Literal["supervised", "simclr"] | None = Field(
+        None, description="supervised (a labelled corpus) or simclr (labels ignored)")
     labels_per_class: int | Literal["all"] | None = Field(None, description="label budget per class for fine-tuning")
     pretrain_epochs: int | None = Field(None, ge=1)
     finetune_epochs: int | None = Field(None, ge=1)
@@ -34,6 +42,10 @@ class TrainingParameters(BaseModel):
     def overrides(self) -> list[str]:
         mapping = {
             "data.source": self.data_source,
+            "data.image_size": self.image_size,
+            "data.channels": self.channels,
+            "pretrain.source": self.pretrain_source,
+            "pretrain.objective": self.pretrain_objective,
             "finetune.labels_per_class": self.labels_per_class,
             "pretrain.epochs": self.pretrain_epochs,
             "finetune.epochs": self.finetune_epochs,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU lease, one script: `python -m bench.profile_step` (where a small step's time goes),
-# `python -m bench.gpu`, then the four stages on the GPU with the fast settings (bf16-mixed,
-# channels_last, torch.compile, GPU-resident data).
+# `python -m bench.gpu`, `python -m bench.gpu_stream` (streamed shards vs in-memory tensors, ~1-2 min),
+# then the four stages on the GPU with the fast settings (bf16-mixed, channels_last, torch.compile,
+# GPU-resident data).
 #
 #   OUT=reports/gpu-check scripts/gpu-check.sh     # from the repo root, on a machine with a CUDA GPU
 #   STAGES=0 scripts/gpu-check.sh                  # benchmarks only
@@ -21,6 +22,8 @@ python3 -c 'import torch, lightning; print("torch", torch.__version__, "lightnin
 
 python3 -m bench.profile_step --out "$OUT/profile-step.txt" 2>&1 | grep -v -i warn
 python3 -m bench.gpu --out "$OUT/bench-gpu.json" 2>&1 | tee "$OUT/bench-gpu.log"
+# Needs webdataset (shards): if the image lacks it, its wheel and braceexpand's go in .whl/.
+python3 -m bench.gpu_stream --out "$OUT/gpu-stream.json" 2>&1 | grep -v -i warn | tee "$OUT/gpu-stream.log"
 [ "${STAGES:-1}" = 0 ] && exit 0
 
 root=${GPU_RUN_ROOT:-/tmp/gpu-run}

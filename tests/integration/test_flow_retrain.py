@@ -36,7 +36,8 @@ def test_retrain_skips_unchanged_data_and_retrains_when_images_are_added(flow_en
     state = retrain(params, return_state=True)
     elapsed = time.perf_counter() - started
     second = state.result()
-    assert second == {"retrained": False, "data_version": first["data_version"]}
+    assert second == {"retrained": False, "data_version": first["data_version"],
+                      "corpus_version": first["data"]["corpus"]["version"]}
     assert flow_env.run_dirs() == workspaces, "an unchanged-data retrain created a workspace"
     assert task_runs_of(state.state_details.flow_run_id) == [], "an unchanged-data retrain ran tasks"
     assert flow_env.champion() == champion

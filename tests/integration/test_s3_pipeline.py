@@ -55,9 +55,9 @@ def test_stages_on_s3_source_artifacts_checkpoints_and_resume(s3, tmp_path, caps
     stage_runner("prepare")(cfg)
     first = capsys.readouterr().out
     assert "36 downloaded, 0 from the local cache" in first
-    from pipeline.data.sources import load_source
+    from pipeline.data.sources import scan_source
 
-    load_source(source)  # a re-run reads the local cache: only the listing goes to S3
+    scan_source(source, "data", cfg)  # a re-run reads the local cache: only the listing goes to S3
     assert "0 downloaded, 36 from the local cache" in capsys.readouterr().out
 
     code, interrupted = _pretrain_until_sigterm(tmp_path, overrides, min_step=7)
