@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from pipeline.config import Config
 from pipeline.data.tasks import TaskArrays
+from pipeline.data.stream import to_float
 from pipeline.models.augment import random_affine
 from pipeline.models.classifier import Classifier
 from pipeline.optim import effective_lr
@@ -57,6 +58,7 @@ def raw_training_steps(module: Classifier, batches: Iterable, device: torch.devi
             batches.sampler.set_epoch(epoch)  # as Lightning does before each epoch
         for images, labels in batches:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            images = to_float(images)  # uint8 on a GPU, as fit() does it (Classifier.on_after_batch_transfer)
             with autocast:
                 if module.hparams.augment:
                     images = random_affine(images)

@@ -70,8 +70,9 @@ def write_split(out_dir: Path, split: str, samples: Iterable[Sample], per_shard:
                 if writer is not None:
                     writer.close()
                 name = f"{SHARD_DIR}/{split}-{len(entries):05d}.tar"
-                # mtime 0: the same samples give byte-identical shards (DVC and the stage cache see no change).
-                writer = wds.TarWriter(str(out_dir / name), mtime=0, format="USTAR_FORMAT")
+                # mtime 0 (an int: no pax record needed): the same samples give byte-identical shards, so
+                # DVC and the stage cache see no change.
+                writer = wds.TarWriter(str(out_dir / name), mtime=0)
                 entries.append({"name": name, "samples": 0})
             writer.write({"__key__": sample.key, "npy": np.ascontiguousarray(sample.image, dtype=np.uint8),
                           "cls": int(sample.label)})
@@ -149,10 +150,29 @@ def iter_shard(data: bytes) -> Iterator[tuple[str, np.ndarray, int]]:
         yield sample["__key__"], _npy_image(sample["npy"]), int(bytes(sample["cls"]))
 
 
+def fetch_shard(uri: str) -> bytes:
+    """A shard's bytes: one GET on S3 (the slow, latency-bound part, done ahead in threads)."""
+    return storage.read_bytes(uri)
+
+
+def parse_shard(data: bytes, uri: str, expected: int, out: np.ndarray) -> np.ndarray:
+    """Parse a shard's samples straight into `out` (uint8 (expected, H, W, C)) -> their labels (int64)."""
+    labels = np.empty(expected, dtype=np.int64)
+    count = 0
+    for count, (_, image, label) in enumerate(iter_shard(data), start=1):
+        if count > expected:
+            break
+        out[count - 1], labels[count - 1] = image, label
+    if count != expected:
+        raise OSError(f"{uri}: {count if count <= expected else 'more'} samples, the manifest says {expected} "
+                      "(truncated or replaced shard)")
+    return labels
+
+
 def read_shard(uri: str, expected: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """One shard -> (images uint8 (N, H, W, C), labels int64, keys). One GET on S3."""
     keys, images, labels = [], [], []
-    for key, image, label in iter_shard(storage.read_bytes(uri)):
+    for key, image, label in iter_shard(fetch_shard(uri)):
         keys.append(key)
         images.append(image)
         labels.append(label)

@@ -20,15 +20,17 @@ uninterrupted one would have.
 """
 from __future__ import annotations
 
+import collections
+import itertools
 import math
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from pipeline.data.shards import SplitShards, read_shard
+from pipeline.data.shards import SplitShards, fetch_shard, parse_shard
 
 WINDOW = 2  # shards shuffled together while streaming: more mixing for one more shard in memory
 
@@ -84,10 +86,14 @@ class ShardStream:
 
     def __init__(self, source: SplitShards | InMemorySplit, batch_size: int, *, seed: int, shuffle: bool,
                  readahead: int = 1, cache_bytes: int = 1 << 30, device: torch.device | None = None,
-                 rank_world: tuple[int, int] | None = None):
+                 rank_world: tuple[int, int] | None = None, uint8: bool = False):
         self.source, self.batch_size, self.seed, self.shuffle = source, batch_size, seed, shuffle
         self.readahead, self.cache_bytes, self.device = max(1, readahead), cache_bytes, device
         self.rank_world = rank_world  # None: from torch.distributed once the process group is up
+        # uint8 NHWC batches, converted on the device (Classifier.on_after_batch_transfer): 4x fewer bytes
+        # to copy to a GPU than float32. False: float NCHW in [-1, 1], what models take.
+        self.uint8 = uint8
+        self._kept: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # a cached share's shards, from its first epoch
         self.sampler = _EpochSampler()
         self.batch_sampler = None  # as a DataLoader says "I batch myself" to Lightning's checks
         self._resume_epoch, self._resume_batches = -1, 0
@@ -155,27 +161,43 @@ class ShardStream:
         if epoch == self._resume_epoch:
             self._resume_epoch = -1  # only the first epoch after a resume starts mid-way
         needed = self._samples_this_rank() - skip
-        chunks = self._chunks(epoch, skip) if self._mode() == "stream" else self._held_chunks(epoch, skip)
-        yield from self._batches(chunks, needed)
+        mode = self._mode()
+        # A cached share streams its first epoch (training starts at once) and keeps what it read; from
+        # epoch 1 it is held. By epoch number, not by history: a resumed run takes the same path.
+        if mode == "global" or (mode == "cached" and epoch > 0):
+            chunks = self._held_chunks(epoch, skip)
+        else:
+            chunks = self._chunks(epoch, skip)
+        for images, labels in self._batches(chunks, needed):
+            yield (images if self.uint8 else to_float(images)), labels
 
     def _batches(self, chunks: Iterator[tuple[torch.Tensor, torch.Tensor]], needed: int):
         """Cut the chunk stream into batches of `batch_size` (the last one may be short), `needed` samples in all."""
-        images_left, labels_left = None, None
-        for images, labels in chunks:
-            if needed <= 0:
+        left_images, left_labels = None, None  # the start of a batch that spans two chunks
+        while needed > 0:  # checked before pulling: a wrapped-around pass must not start reading for nothing
+            chunk = next(chunks, None)
+            if chunk is None:
                 break
-            images, labels = images[:needed], labels[:needed]
+            images, labels = chunk[0][:needed], chunk[1][:needed]
             needed -= len(labels)
-            if labels_left is not None and len(labels_left):
-                images, labels = torch.cat([images_left, images]), torch.cat([labels_left, labels])
-            whole = len(labels) // self.batch_size * self.batch_size
-            for start in range(0, whole, self.batch_size):
-                yield to_float(images[start:start + self.batch_size]), labels[start:start + self.batch_size]
-            images_left, labels_left = images[whole:], labels[whole:]
-        if labels_left is not None and len(labels_left):
-            yield to_float(images_left), labels_left
+            start = 0
+            if left_labels is not None:
+                start = min(self.batch_size - len(left_labels), len(labels))
+                left_images = torch.cat([left_images, images[:start]])
+                left_labels = torch.cat([left_labels, labels[:start]])
+                if len(left_labels) < self.batch_size:
+                    continue
+                yield left_images, left_labels
+                left_images = left_labels = None
+            whole = start + (len(labels) - start) // self.batch_size * self.batch_size
+            for first in range(start, whole, self.batch_size):
+                yield images[first:first + self.batch_size], labels[first:first + self.batch_size]
+            if whole < len(labels):
+                left_images, left_labels = images[whole:], labels[whole:]
+        if left_labels is not None:
+            yield left_images, left_labels
 
-    # global and cached modes: the arrays are held; each epoch is one permutation of them
+    # held modes (global, and cached from its second epoch): each epoch is one permutation of the arrays
     def _held_chunks(self, epoch: int, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         rank, world = self._rank_world
         images, labels = self._hold()
@@ -193,8 +215,8 @@ class ShardStream:
             if self.shuffle:
                 order = np.resize(order, self._samples_this_rank())
         index = torch.from_numpy(order[skip:]).to(images.device)
-        for start in range(0, len(index), 64 * self.batch_size):  # gather a few batches at a time
-            part = index[start:start + 64 * self.batch_size]
+        for start in range(0, len(index), 8 * self.batch_size):  # gather a few batches at a time
+            part = index[start:start + 8 * self.batch_size]
             yield images[part], labels[part]
 
     def _hold(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,23 +230,33 @@ class ShardStream:
                 images, labels = self._read_into_one(list(mine))
             held = torch.as_tensor(images), torch.as_tensor(labels, dtype=torch.int64)
             self._held = tuple(t.to(self.device) for t in held) if self.device is not None else held
+            self._kept.clear()
         return self._held
 
     def _read_into_one(self, indices: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Shards into one preallocated array: the held copy is the only full-size one."""
+        """Shards (in this order) into one preallocated array; shards kept from a streamed epoch are not re-read."""
         channels, height, width = self.source.image_shape
         total = sum(self.source.counts[i] for i in indices)
         images, labels = np.empty((total, height, width, channels), np.uint8), np.empty(total, np.int64)
-        start = 0
-        for shard_images, shard_labels in self._read_in_order(indices):
-            images[start:start + len(shard_labels)], labels[start:start + len(shard_labels)] = shard_images, shard_labels
-            start += len(shard_labels)
+        offsets = dict(zip(indices, itertools.accumulate([0] + [self.source.counts[i] for i in indices])))
+        missing = [i for i in indices if i not in self._kept]
+        for index in indices:
+            if index in self._kept:
+                kept_images, kept_labels = self._kept[index]
+                images[offsets[index]:offsets[index] + len(kept_labels)] = kept_images
+                labels[offsets[index]:offsets[index] + len(kept_labels)] = kept_labels
+        for index, data in zip(missing, self._fetch_in_order(missing)):
+            end = offsets[index] + self.source.counts[index]
+            labels[offsets[index]:end] = parse_shard(data, self.source.uris[index], self.source.counts[index],
+                                                     images[offsets[index]:end])
         return images, labels
 
-    # stream mode: windows of shards in a seeded order, read ahead
+    # stream mode: windows of shards in a seeded order, fetched ahead
     def _chunks(self, epoch: int, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         rank, world = self._rank_world
         share = deal_shards(self.source.counts, world)[rank]
+        keep = self._mode() == "cached"
+        channels, height, width = self.source.image_shape
         passes = 0
         while True:  # a share shorter than the epoch wraps around (another pass, another order)
             rng = np.random.default_rng([self.seed, epoch, rank, passes])
@@ -237,36 +269,42 @@ class ShardStream:
                 skip -= size
                 first += 1
             flat = [i for window in windows[first:] for i in window]
-            arrays = self._read_in_order(flat)
+            fetched = self._fetch_in_order(flat)
             for number, window in enumerate(windows[first:], start=first):
-                parts = [next(arrays) for _ in window]
-                images = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-                labels = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
-                del parts
-                order = np.random.default_rng([self.seed, epoch, rank, passes, number]).permutation(len(labels)) \
-                    if self.shuffle else np.arange(len(labels))
-                order, skip = order[skip:], 0
-                for start in range(0, len(order), 8 * self.batch_size):  # gathered a few batches at a time
-                    part = order[start:start + 8 * self.batch_size]
+                # The window's shards are parsed straight into one buffer: no per-shard array, no concatenation.
+                total = sum(self.source.counts[i] for i in window)
+                images, labels = np.empty((total, height, width, channels), np.uint8), np.empty(total, np.int64)
+                offset = 0
+                for index in window:
+                    end = offset + self.source.counts[index]
+                    labels[offset:end] = parse_shard(next(fetched), self.source.uris[index],
+                                                     self.source.counts[index], images[offset:end])
+                    if keep:
+                        self._kept[index] = (images[offset:end], labels[offset:end])
+                    offset = end
+                order_in = np.random.default_rng([self.seed, epoch, rank, passes, number]).permutation(total) \
+                    if self.shuffle else np.arange(total)
+                order_in, skip = order_in[skip:], 0
+                for start in range(0, len(order_in), 8 * self.batch_size):  # gathered a few batches at a time
+                    part = order_in[start:start + 8 * self.batch_size]
                     yield torch.from_numpy(images[part]), torch.from_numpy(labels[part])
+                del images, labels  # before the next window's buffer exists, not after
             passes += 1
             if not self.shuffle:
                 return
 
-    def _read_in_order(self, indices: list[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Shards' arrays in the given order, `readahead` reads in flight ahead of the consumer."""
+    def _fetch_in_order(self, indices: list[int]) -> Iterator[bytes]:
+        """Shards' bytes in the given order, at most `readahead` fetches running ahead of the consumer."""
         if not indices:
             return
         with ThreadPoolExecutor(max_workers=self.readahead, thread_name_prefix="shard-read") as pool:
-            inflight: list[Future] = []
             upcoming = iter(indices)
-            for index in upcoming:
-                inflight.append(pool.submit(read_shard, self.source.uris[index], self.source.counts[index]))
-                if len(inflight) > self.readahead:
-                    break
+            inflight = collections.deque(pool.submit(fetch_shard, self.source.uris[i])
+                                         for i in itertools.islice(upcoming, self.readahead))
             while inflight:
-                images, labels, _ = inflight.pop(0).result()
+                data = inflight.popleft().result()
                 nxt = next(upcoming, None)
                 if nxt is not None:
-                    inflight.append(pool.submit(read_shard, self.source.uris[nxt], self.source.counts[nxt]))
-                yield images, labels
+                    inflight.append(pool.submit(fetch_shard, self.source.uris[nxt]))
+                yield data
+                del data
