@@ -93,7 +93,11 @@ class ShardStream:
         # uint8 NHWC batches, converted on the device (Classifier.on_after_batch_transfer): 4x fewer bytes
         # to copy to a GPU than float32. False: float NCHW in [-1, 1], what models take.
         self.uint8 = uint8
-        self._kept: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # a cached share's shards, from its first epoch
+        # Held modes: the share's buffer, each shard's slot in it, and which slots are filled (a cached share
+        # fills them while streaming its first epoch, so later epochs read nothing and copy nothing).
+        self._buffer: tuple[np.ndarray, np.ndarray] | None = None
+        self._slots: dict[int, int] = {}
+        self._filled: set[int] = set()
         self.sampler = _EpochSampler()
         self.batch_sampler = None  # as a DataLoader says "I batch myself" to Lightning's checks
         self._resume_epoch, self._resume_batches = -1, 0
@@ -224,39 +228,34 @@ class ShardStream:
             if isinstance(self.source, InMemorySplit):
                 images, labels = self.source.images, self.source.labels
             else:
-                rank, world = self._rank_world
-                mine = range(len(self.source.uris)) if self._mode() == "global" \
-                    else deal_shards(self.source.counts, world)[rank]
-                images, labels = self._read_into_one(list(mine))
+                images, labels = self._share_buffer()
+                missing = [i for i in self._share() if i not in self._filled]  # e.g. skipped by a resume
+                for _ in self._read_in_order(missing):
+                    pass
             held = torch.as_tensor(images), torch.as_tensor(labels, dtype=torch.int64)
             self._held = tuple(t.to(self.device) for t in held) if self.device is not None else held
-            self._kept.clear()
         return self._held
 
-    def _read_into_one(self, indices: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Shards (in this order) into one preallocated array; shards kept from a streamed epoch are not re-read."""
-        channels, height, width = self.source.image_shape
-        total = sum(self.source.counts[i] for i in indices)
-        images, labels = np.empty((total, height, width, channels), np.uint8), np.empty(total, np.int64)
-        offsets = dict(zip(indices, itertools.accumulate([0] + [self.source.counts[i] for i in indices])))
-        missing = [i for i in indices if i not in self._kept]
-        for index in indices:
-            if index in self._kept:
-                kept_images, kept_labels = self._kept[index]
-                images[offsets[index]:offsets[index] + len(kept_labels)] = kept_images
-                labels[offsets[index]:offsets[index] + len(kept_labels)] = kept_labels
-        for index, data in zip(missing, self._fetch_in_order(missing)):
-            end = offsets[index] + self.source.counts[index]
-            labels[offsets[index]:end] = parse_shard(data, self.source.uris[index], self.source.counts[index],
-                                                     images[offsets[index]:end])
-        return images, labels
+    def _share(self) -> list[int]:
+        """This rank's shard indices in storage order: all of them in global mode."""
+        rank, world = self._rank_world
+        return list(range(len(self.source.uris))) if self._mode() == "global" \
+            else deal_shards(self.source.counts, world)[rank]
 
-    # stream mode: windows of shards in a seeded order, fetched ahead
+    def _share_buffer(self) -> tuple[np.ndarray, np.ndarray]:
+        """One preallocated array for the share (held modes): each shard is parsed straight into its slot."""
+        if self._buffer is None:
+            channels, height, width = self.source.image_shape
+            share = self._share()
+            total = sum(self.source.counts[i] for i in share)
+            self._slots = dict(zip(share, itertools.accumulate([0] + [self.source.counts[i] for i in share])))
+            self._buffer = (np.empty((total, height, width, channels), np.uint8), np.empty(total, np.int64))
+        return self._buffer
+
+    # stream mode (and a cached share's first epoch): windows of shards in a seeded order, read ahead
     def _chunks(self, epoch: int, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         rank, world = self._rank_world
         share = deal_shards(self.source.counts, world)[rank]
-        keep = self._mode() == "cached"
-        channels, height, width = self.source.image_shape
         passes = 0
         while True:  # a share shorter than the epoch wraps around (another pass, another order)
             rng = np.random.default_rng([self.seed, epoch, rank, passes])
@@ -268,43 +267,68 @@ class ShardStream:
             while first < len(windows) and skip >= (size := sum(self.source.counts[i] for i in windows[first])):
                 skip -= size
                 first += 1
-            flat = [i for window in windows[first:] for i in window]
-            fetched = self._fetch_in_order(flat)
+            arrays = self._read_in_order([i for window in windows[first:] for i in window])
             for number, window in enumerate(windows[first:], start=first):
-                # The window's shards are parsed straight into one buffer: no per-shard array, no concatenation.
-                total = sum(self.source.counts[i] for i in window)
-                images, labels = np.empty((total, height, width, channels), np.uint8), np.empty(total, np.int64)
-                offset = 0
-                for index in window:
-                    end = offset + self.source.counts[index]
-                    labels[offset:end] = parse_shard(next(fetched), self.source.uris[index],
-                                                     self.source.counts[index], images[offset:end])
-                    if keep:
-                        self._kept[index] = (images[offset:end], labels[offset:end])
-                    offset = end
+                parts = [next(arrays) for _ in window]
+                total = sum(len(labels) for _, labels in parts)
                 order_in = np.random.default_rng([self.seed, epoch, rank, passes, number]).permutation(total) \
                     if self.shuffle else np.arange(total)
                 order_in, skip = order_in[skip:], 0
                 for start in range(0, len(order_in), 8 * self.batch_size):  # gathered a few batches at a time
-                    part = order_in[start:start + 8 * self.batch_size]
-                    yield torch.from_numpy(images[part]), torch.from_numpy(labels[part])
-                del images, labels  # before the next window's buffer exists, not after
+                    images, labels = _gather(parts, order_in[start:start + 8 * self.batch_size])
+                    yield torch.from_numpy(images), torch.from_numpy(labels)
+                del parts
             passes += 1
             if not self.shuffle:
                 return
 
-    def _fetch_in_order(self, indices: list[int]) -> Iterator[bytes]:
-        """Shards' bytes in the given order, at most `readahead` fetches running ahead of the consumer."""
+    def _read_in_order(self, indices: list[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Shards' (images, labels) in the given order, fetched and parsed on `readahead` threads ahead of the
+        consumer. A cached share's shards are parsed into their slots of the share's buffer (kept for later
+        epochs); streamed ones into arrays of their own, freed once used."""
         if not indices:
             return
+        held = self._mode() == "cached" or self._mode() == "global"
+        if held:
+            self._share_buffer()  # allocated here, once: the reader threads only fill their slots
+
+        def load(index: int) -> tuple[np.ndarray, np.ndarray]:
+            count = self.source.counts[index]
+            if held:
+                images, labels = self._share_buffer()
+                start = self._slots[index]
+                out_images, out_labels = images[start:start + count], labels[start:start + count]
+            else:
+                channels, height, width = self.source.image_shape
+                out_images, out_labels = np.empty((count, height, width, channels), np.uint8), np.empty(count, np.int64)
+            if not (held and index in self._filled):
+                out_labels[:] = parse_shard(fetch_shard(self.source.uris[index]), self.source.uris[index], count,
+                                            out_images)
+                if held:
+                    self._filled.add(index)
+            return out_images, out_labels
+
         with ThreadPoolExecutor(max_workers=self.readahead, thread_name_prefix="shard-read") as pool:
             upcoming = iter(indices)
-            inflight = collections.deque(pool.submit(fetch_shard, self.source.uris[i])
-                                         for i in itertools.islice(upcoming, self.readahead))
+            inflight = collections.deque(pool.submit(load, i) for i in itertools.islice(upcoming, self.readahead))
             while inflight:
-                data = inflight.popleft().result()
+                arrays = inflight.popleft().result()
                 nxt = next(upcoming, None)
                 if nxt is not None:
-                    inflight.append(pool.submit(fetch_shard, self.source.uris[nxt]))
-                yield data
-                del data
+                    inflight.append(pool.submit(load, nxt))
+                yield arrays
+                del arrays
+
+
+def _gather(parts: list[tuple[np.ndarray, np.ndarray]], index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Samples `index` of the parts taken as one array, without concatenating them first."""
+    if len(parts) == 1:
+        return parts[0][0][index], parts[0][1][index]
+    images = np.empty((len(index), *parts[0][0].shape[1:]), np.uint8)
+    labels = np.empty(len(index), np.int64)
+    start = 0
+    for part_images, part_labels in parts:
+        mine = (index >= start) & (index < start + len(part_labels))
+        images[mine], labels[mine] = part_images[index[mine] - start], part_labels[index[mine] - start]
+        start += len(part_labels)
+    return images, labels

@@ -59,6 +59,7 @@ def test_stages_on_s3_source_artifacts_checkpoints_and_resume(s3, tmp_path, caps
 
     scan_source(source, "data", cfg)  # a re-run reads the local cache: only the listing goes to S3
     assert "0 downloaded, 36 from the local cache" in capsys.readouterr().out
+    stage_runner("corpus")(cfg)  # the pretraining corpus (builtin glyphs), written to S3 too
 
     code, interrupted = _pretrain_until_sigterm(tmp_path, overrides, min_step=7)
     assert code == 143, interrupted
@@ -81,7 +82,7 @@ def test_stages_on_s3_source_artifacts_checkpoints_and_resume(s3, tmp_path, caps
     logs = capsys.readouterr()
 
     keys = s3.keys("run/")
-    for output in ("data/prepared", "models/pretrain", "models/finetune", "models/release"):
+    for output in ("data/prepared", "data/corpus", "models/pretrain", "models/finetune", "models/release"):
         assert f"run/{output}/_COMPLETE" in keys
     assert {"run/reports/metrics.json", "run/models/release/model_card.json"} <= set(keys)
     assert not [k for k in keys if ".staging-" in k]  # every upload-aside prefix was cleaned up
@@ -117,7 +118,7 @@ def _flow(project: Path, tmp: Path, s3) -> tuple[dict, str]:
                           capture_output=True, text=True, timeout=600)
     logs = done.stdout + done.stderr
     assert done.returncode == 0, logs
-    outcomes = dict(re.findall(r"(prepare|pretrain|finetune|evaluate): (ran|restored from the run-cache)", logs))
+    outcomes = dict(re.findall(r"(prepare|corpus|pretrain|finetune|evaluate): (ran|restored from the run-cache)", logs))
     return outcomes, logs
 
 
