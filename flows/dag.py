@@ -23,3 +23,17 @@ def stage_order(dvc_yaml: Path) -> list[str]:
         for name, stage in stages.items()
     }
     return list(TopologicalSorter(graph).static_order())
+
+
+def upstream_stages(dvc_yaml: Path) -> dict[str, list[str]]:
+    """Stage -> the stages whose outputs (outs, metrics, plots) it depends on, in dvc.yaml order.
+    A dep inside an output folder counts too (`models/pretrain/x` on `models/pretrain`)."""
+    stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
+    produced_by = {out: name for name, stage in stages.items()
+                   for key in ("outs", "metrics", "plots") for out in entries(stage.get(key))}
+    upstream = {}
+    for name, stage in stages.items():
+        found = {producer for dep in entries(stage.get("deps")) for out, producer in produced_by.items()
+                 if producer != name and (dep == out or dep.startswith(out.rstrip("/") + "/"))}
+        upstream[name] = [other for other in stages if other in found]
+    return upstream

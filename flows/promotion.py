@@ -7,10 +7,13 @@ old champion or the new one, never a mix.
 from __future__ import annotations
 
 import time
+from pathlib import Path
+
 from pipeline import storage
 from pipeline.config import Config
 from pipeline.data.prepared import load_prepared
-from pipeline.models.bundle import load_classifier
+from pipeline.model_card import CARD_MARKDOWN, write_markdown
+from pipeline.models.bundle import CLASSIFIER_FILE, load_classifier
 from pipeline.stages.evaluate import predictions, score
 
 CHAMPION = "champion.json"
@@ -35,9 +38,14 @@ def decide(cfg: Config, outputs: dict[str, str], registry: str, run_name: str,
         decision.update(promoted=True, reason="no champion yet")
     else:
         data = load_prepared(outputs["prepared"])
-        model, classes = load_classifier(storage.join(champion["release"], "finetuned.pt"))
+        champion_model = storage.join(champion["release"], CLASSIFIER_FILE)
         decision["champion_run"] = champion["run"]
-        if classes != data.class_names:
+        # A release from before safetensors bundles has only a pickle, which is never loaded.
+        model, classes = load_classifier(champion_model) if storage.exists(champion_model) else (None, None)
+        if model is None:
+            decision.update(promoted=True, reason=f"champion has no {CLASSIFIER_FILE} (an older pickle bundle, "
+                                                  "never loaded); champion not comparable")
+        elif classes != data.class_names:
             decision.update(promoted=True, reason=f"classes changed ({classes} -> {data.class_names}); "
                                                   "champion not comparable")
         else:
@@ -68,5 +76,9 @@ def _archive(bundle: str, target: str, decision: dict, stages: dict[str, str]) -
     card["promotion"] = decision
     card["stages"] = stages
     with storage.staged_output(target) as out:
-        (out / "finetuned.pt").write_bytes(storage.read_bytes(storage.join(bundle, "finetuned.pt")))
+        (out / CLASSIFIER_FILE).write_bytes(storage.read_bytes(storage.join(bundle, CLASSIFIER_FILE)))
         storage.write_json(str(out / "model_card.json"), card)
+        image = card.get("curves")  # the card embeds it: keep it beside the card
+        if isinstance(image, str) and image == Path(image).name and storage.exists(storage.join(bundle, image)):
+            (out / image).write_bytes(storage.read_bytes(storage.join(bundle, image)))
+        write_markdown(card, out / CARD_MARKDOWN)  # now with the decision and the stage outcomes

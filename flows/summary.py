@@ -21,3 +21,18 @@ def print_summary(result: dict) -> None:
     table.add_row("model + card", decision["release"])
     table.add_row("workspace", result["workspace"])
     Console().print(table)
+
+
+def curves_markdown(curves: dict, points_per_series: int = 6) -> str:
+    """{series: [[step, value], ...]} -> a markdown table per series with a few evenly spaced points
+    (first and last always): readable on the Prefect run page without an image."""
+    lines = ["Training curves (from the release's `curves.json`; a few points per series)."]
+    for name, points in curves.items():
+        points = list(points or [])
+        if not points:
+            continue
+        count = min(points_per_series, len(points))
+        picks = sorted({round(i * (len(points) - 1) / max(count - 1, 1)) for i in range(count)})
+        lines += ["", f"**{name}**", "", "| step | value |", "|---:|---:|"]
+        lines += [f"| {int(points[i][0])} | {float(points[i][1]):.4f} |" for i in picks]
+    return "\n".join(lines)

@@ -17,11 +17,13 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import get_run_context
+from prefect.states import Completed, State
 
 from flows import stage_cache
 from flows import workspace as wsmod
-from flows.dag import stage_order
+from flows.dag import stage_order, upstream_stages
 from flows.parameters import TrainingParameters
+from flows.progress import StageProgress
 from flows.promotion import LAST_EVALUATED, champion_pointer, decide
 from pipeline import storage
 from pipeline.config import Config, apply_overrides, build_config, load_config, read_params, update_params_file
@@ -85,8 +87,12 @@ def make_launcher(params: TrainingParameters, workdir: Path, stage: str):
 
 @task(task_run_name="run_stage:{stage}", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_infra_only)
 def run_stage(ws: wsmod.Workspace, stage: str, params: TrainingParameters, run_id: str, dvc_tracked: bool,
-              cached: stage_cache.StagePlan | None = None) -> str:
+              cached: stage_cache.StagePlan | None = None) -> str | State:
     """Restore from a cache if possible, else launch the stage, then record it.
+
+    Returns the outcome ("ran", ...); a stage restored from a cache ends in a Completed state named
+    "Restored" (up-to-date outputs: "Cached") whose result is still the outcome string. While the stage
+    runs, its progress lines feed live progress artifacts (flows/progress.py).
 
     Local artifacts: DVC's run-cache. Artifacts under a remote `paths.root` (s3://) are not in the
     workspace and DVC 3 cannot cache them: `cached` (flows/stage_cache.py, same inputs as DVC's key)
@@ -96,18 +102,24 @@ def run_stage(ws: wsmod.Workspace, stage: str, params: TrainingParameters, run_i
     if cached is not None and not params.force and cached.complete():
         logger.info("%s: restored from the stage cache (key %s), not re-run: %s", stage, cached.key,
                     ", ".join(cached.outputs.values()))
-        return "restored"
+        return _restored(stage, "restored", f"restored from the stage cache (key {cached.key})")
     if dvc_tracked and not params.force:
         state = wsmod.restore_stage(ws, stage)
         if state != "miss":
-            logger.info("%s: %s, not re-run", stage, "restored from the run-cache" if state == "run-cache" else state)
-            return state
+            how = "restored from the run-cache" if state == "run-cache" else state
+            logger.info("%s: %s, not re-run", stage, how)
+            return _restored(stage, state, how)
     launcher = make_launcher(params, ws.root, stage)
     # Pods run the image's params.yaml, not this workspace's: ship the flow's overrides with the command
     # (for a pinned data source they include data.version: see _pin_data).
     args = set_args(params.overrides()) if params.launcher == "kubernetes" else []
     started = time.perf_counter()
-    code = launcher.run(StageCommand(stage=stage, args=args, run_id=run_id), log=logger.info)
+    progress = StageProgress(stage, logger.info, parts=_progress_parts(ws, stage))
+    code = None
+    try:
+        code = launcher.run(StageCommand(stage=stage, args=args, run_id=run_id), log=progress.log)
+    finally:
+        progress.close(completed=code == 0)
     if code == EXIT_USER_ERROR:
         raise StageInputError(f"{stage} exited 2 (bad configuration or data): see the lines above")
     if code != 0:
@@ -121,6 +133,23 @@ def run_stage(ws: wsmod.Workspace, stage: str, params: TrainingParameters, run_i
         logger.warning("%s: %d restart(s): %s", stage, len(restarts), "; ".join(restarts))
         return f"ran after {len(restarts)} restart(s): " + "; ".join(restarts)
     return "ran"
+
+
+def _restored(stage: str, outcome: str, how: str) -> State:
+    """Not launched: a Completed state the UI shows as "Restored" (or "Cached"); `.result()` is `outcome`."""
+    return Completed(name="Cached" if outcome == "up-to-date" else "Restored", message=f"{stage}: {how}",
+                     data=outcome)
+
+
+def _progress_parts(ws: wsmod.Workspace, stage: str) -> list[str]:
+    """The fits a stage prints progress for, in order: finetune trains `finetuned`, then (by default) `scratch`."""
+    if stage != "finetune":
+        return [stage]
+    try:
+        scratch = load_config(ws.params_file).finetune.train_scratch_baseline
+    except Exception:  # noqa: BLE001 - only the progress bar's split depends on it
+        scratch = True
+    return ["finetune:finetuned", "finetune:scratch"] if scratch else ["finetune:finetuned"]
 
 
 def _version_one(ws: wsmod.Workspace, cfg: Config, source: str, kind: str, snapshot_path: str) -> dict:
@@ -178,6 +207,23 @@ def _publish_artifacts(metrics: dict, decision: dict, ws: wsmod.Workspace, cfg: 
         f"| model + card | `{decision['release']}` |",
         f"| workspace | `{ws.root}` |",
     ]))
+
+
+def _publish_curves(release: str, points_per_series: int = 6) -> None:
+    """The release's `curves.json` ({series: [[step, value], ...]}) as a "curves" markdown artifact: a few
+    evenly spaced points per series, first and last included. No file (yet): nothing."""
+    from flows.summary import curves_markdown
+
+    uri = storage.join(release, "curves.json")
+    try:
+        if not storage.exists(uri):
+            return
+        markdown = curves_markdown(storage.read_json(uri), points_per_series)
+    except Exception as exc:  # noqa: BLE001 - a view of the curves never fails a finished run
+        get_run_logger().warning("curves artifact skipped: %s: %s", type(exc).__name__, exc)
+        return
+    create_markdown_artifact(key="curves", description="Training curves (release curves.json, thinned)",
+                             markdown=markdown)
 
 
 def _delete_kubernetes_jobs(flow, flow_run, state) -> None:
@@ -246,13 +292,20 @@ def train(params: TrainingParameters = TrainingParameters()) -> dict:
         pins = [item for plan in plans.values() for item in plan.overrides()]
         cfg = update_params_file(ws.params_file, pins)
         params = params.model_copy(update={"extra_overrides": [*params.extra_overrides, *pins]})
-    outcomes = {stage: run_stage(ws, stage, params, run_id, tracked, plans.get(stage)) for stage in order}
+    # One stage at a time (they share the DVC workspace), each submitted with its dvc.yaml upstreams as
+    # wait_for: Prefect records them as the task run's inputs, and the UI's run graph draws the chain.
+    upstream, futures, outcomes = upstream_stages(ws.root / "dvc.yaml"), {}, {}
+    for stage in order:
+        futures[stage] = run_stage.submit(ws, stage, params, run_id, tracked, plans.get(stage),
+                                          wait_for=[futures[up] for up in upstream.get(stage, []) if up in futures])
+        outcomes[stage] = futures[stage].result()
     # Artifacts on s3:// are not DVC outputs, but the source snapshot still goes to the remote.
     snapshots = [s for s in (data["snapshot"], data["corpus"]["snapshot"]) if s]
     pushed = wsmod.push(ws) if tracked else bool(snapshots) and wsmod.push(ws, snapshots)
     metrics = storage.read_json(storage.join(artifact_uri(ws, cfg, "reports"), "metrics.json"))
     decision = promote(ws, cfg, run_name, outcomes)
     _publish_artifacts(metrics, decision, ws, cfg, data)
+    _publish_curves(artifact_uri(ws, cfg, "release"))
     _link_latest(ws.root)
     logger.info("stages: %s; pushed to remote: %s", outcomes, pushed)
     return {"run": run_name, "workspace": str(ws.root), "data": data, "stages": outcomes,

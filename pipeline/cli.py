@@ -35,6 +35,16 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("show-config", parents=[config_args], help="print the effective, validated config")
     run = commands.add_parser("run", parents=[config_args], help="run the whole pipeline as a Prefect flow")
     run.add_argument("--force", action="store_true", help="re-run every stage even if cached")
+    predict = commands.add_parser(
+        "predict", parents=[config_args], help="classify images with the champion (or any release)",
+        description="Print `path<TAB>class<TAB>confidence` per image (pipeline/predict.py). --params (default: "
+                    "params.yaml if present) and --set are read for paths.registry and evaluate.batch_size only.")
+    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders (recursive)")
+    predict.add_argument("--model", default="champion", metavar="champion|RUN|URI",
+                         help="`champion` (default): <registry>/champion.json; RUN: <registry>/releases/RUN; "
+                              "URI: a release folder or a .safetensors model file, local or s3://")
+    predict.add_argument("--out", metavar="FILE.csv|FILE.json", help="also write the predictions to this file")
+    predict.add_argument("--batch-size", type=int, help="images per forward pass (default: evaluate.batch_size)")
     k8s = commands.add_parser("k8s", help="Kubernetes helpers (no cluster needed)")
     k8s_commands = k8s.add_subparsers(dest="k8s_command", required=True, metavar="COMMAND")
     render = k8s_commands.add_parser(
@@ -96,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     try:
+        if args.command == "predict":
+            from pipeline.predict import run as predict  # lazy: stages never import it (dvc.yaml deps)
+
+            return predict(args)
         cfg = load_config(args.params, args.overrides)
         if args.command == "show-config":
             import yaml

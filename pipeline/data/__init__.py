@@ -1,0 +1,1 @@
+"""Datasets: sources, decoding, webdataset shards and the per-rank streams training reads."""

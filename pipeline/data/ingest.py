@@ -101,6 +101,8 @@ def ingest(cfg: Config, scan: SourceScan, *, stage: str, out_uri: str, splits: t
             "reused": decoder.reused,
             "workers": workers,
             "wall_time_s": round(wall, 3),
+            "device_hours": round(wall / 3600, 6),  # one process (its decoding workers included), no accelerator
+            "device_kind": "cpu",
             "images_per_s": round(len(scan.items) / max(wall, 1e-9), 1),
         }
         storage.write_json(str(out / "summary.json"), summary)

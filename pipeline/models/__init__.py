@@ -1,0 +1,1 @@
+"""Backbones, the Lightning classifier and contrastive pretrainer, augmentation, model bundles."""

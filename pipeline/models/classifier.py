@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import ModelConfig, OptimizerConfig, ScheduleConfig
+from pipeline.data.stream import to_float
 from pipeline.models.augment import random_affine
 from pipeline.models.backbones import build_backbone
 from pipeline.optim import build_optimizer, build_scheduler, param_groups
@@ -64,6 +65,11 @@ class Classifier(L.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images.contiguous(memory_format=self.memory_format)))
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # uint8 pixels cross to the GPU (a quarter of float32's bytes) and are scaled there.
+        images, labels = batch
+        return to_float(images), labels
 
     def compile_regions(self) -> list[nn.Module]:
         """The blocks training.compile_in_place compiles one by one: a ViT's encoder layers."""
@@ -154,5 +160,5 @@ class Classifier(L.LightningModule):
     @torch.no_grad()
     def predict_logits(self, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
         self.eval()
-        return torch.cat([self(images[i : i + batch_size].to(self.device)).float().cpu()
+        return torch.cat([self(to_float(images[i : i + batch_size].to(self.device))).float().cpu()
                           for i in range(0, len(images), batch_size)])

@@ -2,7 +2,8 @@
 
 Writes `reports/metrics.json` (DVC metrics: test.accuracy, scratch.test.accuracy,
 transfer_gain, per-class precision/recall), `reports/confusion.csv` (DVC confusion plot)
-and `models/release/` (the model, and its model card: the lineage users read later).
+and `models/release/` (the model, and its model card: the lineage users read later; the training
+curves as `curves.json` and `curves.png`, pipeline/curves.py).
 
     python -m pipeline evaluate
 """
@@ -20,8 +21,10 @@ from pipeline import storage
 from pipeline.config import Config
 from pipeline.data.prepared import load_prepared
 from pipeline.data.shards import SplitShards
+from pipeline.curves import CURVES_JSON, CURVES_PNG, read_curves, render_png, run_dirs
 from pipeline.data.stream import InMemorySplit, ShardStream
-from pipeline.models.bundle import load_classifier
+from pipeline.model_card import CARD_MARKDOWN, write_markdown
+from pipeline.models.bundle import CLASSIFIER_FILE, SCRATCH_FILE, load_classifier
 from pipeline.runinfo import git_commit, hardware
 
 
@@ -67,13 +70,37 @@ def stage_times(cfg: Config) -> dict:
     return times
 
 
+def stage_usage(cfg: Config, evaluate_s: float) -> tuple[dict, dict]:
+    """(device-hours per stage and per device kind in total, step-time reports per training run) from the summaries.
+
+    A summary written before stages recorded device_hours counts wall_time_s x world_size on CPU.
+    """
+    stages, step_time = {}, {}
+    outputs = (("prepare", "prepared"), ("corpus", "corpus"), ("pretrain", "pretrain"), ("finetune", "finetune"))
+    for stage, output in outputs:
+        uri = storage.join(cfg.paths.uri(output), "summary.json")
+        if not storage.exists(uri):
+            continue
+        summary = storage.read_json(uri)
+        hours = summary.get("device_hours", summary.get("wall_time_s", 0.0) * summary.get("world_size", 1) / 3600)
+        stages[stage] = {"hours": round(hours, 6), "kind": summary.get("device_kind", "cpu")}
+        runs = {stage: summary} if stage == "pretrain" else \
+            {f"{stage}/{v}": summary[v] for v in ("finetuned", "scratch") if isinstance(summary.get(v), dict)}
+        step_time.update({run: info["step_time"] for run, info in runs.items() if info.get("step_time")})
+    stages["evaluate"] = {"hours": round(evaluate_s / 3600, 6), "kind": "cpu"}
+    total: dict[str, float] = {}
+    for usage in stages.values():
+        total[usage["kind"]] = round(total.get(usage["kind"], 0.0) + usage["hours"], 6)
+    return {"stages": stages, "total": total}, step_time
+
+
 def run(cfg: Config) -> dict:
     started = time.perf_counter()
     data = load_prepared(cfg.paths.uri("prepared"))
     finetune_uri = cfg.paths.uri("finetune")
     storage.require_complete(finetune_uri, produced_by="finetune")
     test = data.split("test")
-    finetuned, classes = load_classifier(storage.join(finetune_uri, "finetuned.pt"))
+    finetuned, classes = load_classifier(storage.join(finetune_uri, CLASSIFIER_FILE))
     logits, labels = predictions(finetuned, test, cfg.evaluate.batch_size)
     metrics_test, predicted = score(logits, labels)
     pretrained = storage.read_json(storage.join(cfg.paths.uri("pretrain"), "summary.json"))
@@ -84,15 +111,17 @@ def run(cfg: Config) -> dict:
         "test": metrics_test,
         "per_class": per_class(labels, predicted, classes),
     }
-    scratch_uri = storage.join(finetune_uri, "scratch.pt")
+    scratch_uri = storage.join(finetune_uri, SCRATCH_FILE)
     if storage.exists(scratch_uri):
         scratch, _ = load_classifier(scratch_uri)
         metrics["scratch"] = {"test": score(*predictions(scratch, test, cfg.evaluate.batch_size))[0]}
         metrics["transfer_gain"] = round(metrics_test["accuracy"] - metrics["scratch"]["test"]["accuracy"], 6)
     times = stage_times(cfg)
     times["evaluate"] = round(time.perf_counter() - started, 3)
+    device_hours, step_time = stage_usage(cfg, times["evaluate"])
+    curves = read_curves(run_dirs(cfg.paths.uri("pretrain"), finetune_uri))  # pipeline/curves.py
     card = {
-        "model": "finetuned.pt",
+        "model": CLASSIFIER_FILE,
         "task": {"classes": classes, "pretraining": f"{cfg.pretrain.objective} on {pretrained.get('corpus_source')}",
                  "labels_per_class": cfg.finetune.labels_per_class},
         "data_version": data.manifest["data_version"],
@@ -104,13 +133,20 @@ def run(cfg: Config) -> dict:
         "params": cfg.model_dump(mode="json"),
         "metrics": metrics,
         "wall_time_s": times,
+        "device_hours": device_hours,  # per stage {hours, kind}, and in total per device kind (gpu/cpu)
+        "step_time": step_time,  # per training run: per-rank median step times, the slowest rank and its ratio
+        **({"curves": CURVES_PNG} if curves else {}),
         "hardware": hardware(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     with storage.staged_output(cfg.paths.uri("release")) as out:
         # The release is self-contained: promotion and serving never reach back into finetune's output.
-        (out / "finetuned.pt").write_bytes(storage.read_bytes(storage.join(finetune_uri, "finetuned.pt")))
+        (out / CLASSIFIER_FILE).write_bytes(storage.read_bytes(storage.join(finetune_uri, CLASSIFIER_FILE)))
+        if curves:  # the training curves: data for the flow's artifact, a picture for the card
+            storage.write_json(str(out / CURVES_JSON), curves)
+            render_png(curves, out / CURVES_PNG)
         storage.write_json(str(out / "model_card.json"), card)
+        write_markdown(card, out / CARD_MARKDOWN)  # the same card, for people: what, data, metrics, lineage
     reports = cfg.paths.uri("reports")
     storage.write_bytes(storage.join(reports, "confusion.csv"), confusion_rows(labels, predicted, classes))
     storage.write_json(storage.join(reports, "metrics.json"), metrics)  # last: metrics mean "evaluation finished"

@@ -14,25 +14,25 @@ would spend labels beyond the budget.
 """
 from __future__ import annotations
 
-import hashlib
-import io
-
 import torch
 
 from pipeline import storage
 from pipeline.config import Config
 from pipeline.data.prepared import PreparedData, load_prepared
 from pipeline.data.stream import InMemorySplit, to_float
-from pipeline.models.bundle import save_classifier
+from pipeline.models.bundle import BACKBONE_FILE, SUFFIX as BUNDLE_SUFFIX, load_backbone, save_classifier
 from pipeline.models.classifier import Classifier
 from pipeline.optim import effective_lr
-from pipeline.training import checkpoint_dir_for, fit, steps_per_epoch, world_size
+from pipeline.training import (
+    CURVES_DIR, FitResult, checkpoint_dir_for, fit, publish_curves, steps_per_epoch, world_size,
+)
 
 
 IMPRINT_MAX_PER_CLASS = 256  # class means for imprinting need a sample, not a whole large dataset
 
 
-def _train_variant(cfg: Config, variant: str, backbone: dict, data: PreparedData, train, val) -> tuple[Classifier, dict]:
+def _train_variant(cfg: Config, variant: str, backbone: dict, data: PreparedData, train, val
+                   ) -> tuple[Classifier, dict, FitResult]:
     ft = cfg.finetune
     world = world_size(cfg.trainer)
     image_shape = data.image_shape
@@ -69,17 +69,17 @@ def _train_variant(cfg: Config, variant: str, backbone: dict, data: PreparedData
         "resumed_from_step": result.resumed_from_step,
         "val_accuracy": result.val_accuracy,
         "wall_time_s": result.wall_time_s,
+        **result.usage(),  # device_hours, device_kind, step_time (per-rank medians, slowest rank)
         "is_global_zero": result.is_global_zero,
-    }
+    }, result
 
 
 def run(cfg: Config) -> dict:
     data = load_prepared(cfg.paths.uri("prepared"))
     storage.require_complete(cfg.paths.uri("pretrain"), produced_by="pretrain")
-    backbone_bytes = storage.read_bytes(storage.join(cfg.paths.uri("pretrain"), "backbone.pt"))
-    backbone = torch.load(io.BytesIO(backbone_bytes), map_location="cpu", weights_only=False)
-    # Resumable state must belong to *this* backbone, not to an earlier pretraining with equal params.
-    backbone["sha256"] = hashlib.sha256(backbone_bytes).hexdigest()
+    # Safetensors + JSON, never unpickled; "sha256" (of the file) ties resumable state to *this* backbone,
+    # not to an earlier pretraining with equal params.
+    backbone = load_backbone(storage.join(cfg.paths.uri("pretrain"), BACKBONE_FILE))
     budget = None if cfg.finetune.labels_per_class == "all" else cfg.finetune.labels_per_class
     # A label budget is a small sample held in memory; `all` streams the training split.
     train = data.subset("train", per_class=budget, seed=cfg.seed) if budget is not None else data.split("train")
@@ -94,15 +94,18 @@ def run(cfg: Config) -> dict:
         "classes": data.class_names,
         "labelled_images": train.samples,
         "labels_per_class": cfg.finetune.labels_per_class,
-        **{v: {k: val for k, val in info.items() if k != "is_global_zero"} for v, (_, info) in trained.items()},
-        "wall_time_s": round(sum(info["wall_time_s"] for _, info in trained.values()), 3),
+        **{v: {k: val for k, val in info.items() if k != "is_global_zero"} for v, (_, info, _) in trained.items()},
+        "wall_time_s": round(sum(info["wall_time_s"] for _, info, _ in trained.values()), 3),
+        "device_hours": round(sum(info["device_hours"] for _, info, _ in trained.values()), 6),
+        "device_kind": trained["finetuned"][1]["device_kind"],
     }
     if not trained["finetuned"][1]["is_global_zero"]:
         return summary
     with storage.staged_output(cfg.paths.uri("finetune")) as out:
-        for variant, (module, _) in trained.items():
-            save_classifier(module, data.class_names, out / f"{variant}.pt")
+        for variant, (module, _, result) in trained.items():
+            publish_curves(result, out / CURVES_DIR / variant)  # DVCLive's folder per variant: dvc.yaml `plots:`
+            save_classifier(module, data.class_names, out / f"{variant}{BUNDLE_SUFFIX}", data.manifest.get("transform"))
         storage.write_json(str(out / "summary.json"), summary)
     print(f"[finetune] done: " + ", ".join(f"{v} val/acc {info['val_accuracy']}" if info["val_accuracy"] is None
-                                          else f"{v} val/acc {info['val_accuracy']:.4f}" for v, (_, info) in trained.items()))
+                                          else f"{v} val/acc {info['val_accuracy']:.4f}" for v, (_, info, _) in trained.items()))
     return summary

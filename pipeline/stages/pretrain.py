@@ -22,10 +22,11 @@ from pipeline import storage
 from pipeline.config import Config
 from pipeline.data.prepared import load_prepared
 from pipeline.errors import DataError
+from pipeline.models.bundle import BACKBONE_FILE, save_backbone
 from pipeline.models.classifier import Classifier
 from pipeline.models.contrastive import ContrastivePretrainer
 from pipeline.optim import effective_lr
-from pipeline.training import checkpoint_dir_for, fit, steps_per_epoch, world_size
+from pipeline.training import CURVES_DIR, checkpoint_dir_for, fit, publish_curves, steps_per_epoch, world_size
 
 
 def run(cfg: Config) -> dict:
@@ -69,6 +70,7 @@ def run(cfg: Config) -> dict:
         "global_batch": global_batch,
         "best_val_accuracy": result.best_score,  # simclr: label-free pair-retrieval accuracy
         "wall_time_s": result.wall_time_s,
+        **result.usage(),  # device_hours, device_kind, step_time (per-rank medians, slowest rank)
         "checkpoints": checkpoints,
     }
     if not result.is_global_zero:
@@ -77,13 +79,13 @@ def run(cfg: Config) -> dict:
         state = torch.load(io.BytesIO(storage.read_bytes(result.best_path)), map_location="cpu", weights_only=False)
         module.load_state_dict(state["state_dict"])
     with storage.staged_output(cfg.paths.uri("pretrain")) as out:
-        torch.save({
-            "backbone": module.backbone.state_dict(),
-            "model": cfg.pretrain.model.model_dump(),
+        save_backbone(module.backbone, {
+            "model": cfg.pretrain.model.model_dump(mode="json"),
             "image_shape": list(corpus.image_shape),
             "corpus_version": corpus.manifest["data_version"],
-        }, out / "backbone.pt")
+        }, out / BACKBONE_FILE)
         storage.write_json(str(out / "summary.json"), summary)
+        publish_curves(result, out / CURVES_DIR)  # DVCLive's folder: dvc.yaml `plots:`, pipeline/curves.py
     best = "n/a (resumed at the end: nothing left to validate)" if result.best_score is None else f"{result.best_score:.4f}"
     print(f"[pretrain] done: {result.steps} steps, best source val/acc {best}")
     return summary

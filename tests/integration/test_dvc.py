@@ -76,8 +76,8 @@ def test_dvc_repro_runs_each_stage_once_and_only_what_changed(tmp_path):
     shown = json.loads(_run([DVC, "metrics", "show", "--json"], project).stdout)
     assert json.dumps(shown).count('"accuracy"') >= 2  # DVC reads test.accuracy and scratch.test.accuracy
 
-    outputs = [project / p for p in ("data/prepared/manifest.json", "models/pretrain/backbone.pt",
-                                     "models/finetune/finetuned.pt", "reports/metrics.json")]
+    outputs = [project / p for p in ("data/prepared/manifest.json", "models/pretrain/backbone.safetensors",
+                                     "models/finetune/finetuned.safetensors", "reports/metrics.json")]
     stamps = [p.stat().st_mtime_ns for p in outputs]
     ran, out = _repro(project)
     assert ran == [], out
@@ -97,3 +97,12 @@ def test_dvc_repro_runs_each_stage_once_and_only_what_changed(tmp_path):
     evaluate_code.write_text(evaluate_code.read_text() + "\n# a code change is a dependency change\n")
     ran, out = _repro(project)
     assert ran == ["evaluate"], out
+
+    # New target data re-runs what the target feeds, never the corpus or pretraining (they have their own key).
+    corpus_and_backbone = [project / "data/corpus/manifest.json", outputs[1]]
+    kept = [p.stat().st_mtime_ns for p in corpus_and_backbone]
+    _set_param(project, "data.test_fraction", 0.3)
+    ran, out = _repro(project)
+    assert ran == ["prepare", "finetune", "evaluate"], out
+    assert "Stage 'corpus' didn't change" in out and "Stage 'pretrain' didn't change" in out
+    assert [p.stat().st_mtime_ns for p in corpus_and_backbone] == kept

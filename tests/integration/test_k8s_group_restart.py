@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from pipeline.launch import StageCommand
 from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
 from pipeline.launch.kubernetes import (
     KubernetesLauncher, KubernetesLaunchError, StagePendingTimeout, StageRestartsExhausted,
 )
+from pipeline.models.bundle import load_backbone
 from tests.k8s_standin import k8s_standin  # noqa: F401  (pytest fixture)
 from tests.k8s_standin.fixture import wait_for
 
@@ -218,7 +218,7 @@ def _pretrain(standin, tmp_path: Path, name: str, evict_rank: int | None) -> dic
     thread.join(600)
     assert "code" in outcome, outcome
     summary = json.loads((root / "models" / "pretrain" / "summary.json").read_text())
-    weights = torch.load(root / "models" / "pretrain" / "backbone.pt", map_location="cpu", weights_only=False)
+    weights = load_backbone(str(root / "models" / "pretrain" / "backbone.safetensors"))
     return dict(code=outcome["code"], text=log.text(), log=log, summary=summary, weights=weights["backbone"],
                 launcher=launcher, **measured)
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
+from pipeline.models.bundle import load_backbone
 from pipeline.stages import stage_runner
 from pipeline.training import steps_per_epoch
 from tests.conftest import PYTHON, TINY, run_cli, sets, subprocess_env
@@ -87,7 +88,18 @@ def test_sigterm_checkpoints_exits_143_and_resumes_to_the_same_total(workdir):
     fresh = run_cli(["pretrain", *sets([*RESUMABLE, f"paths.root={reference}",
                                         f"paths.corpus={workdir / 'data' / 'corpus'}"])], cwd=workdir)
     assert fresh.returncode == 0, fresh.stdout + fresh.stderr
-    resumed_weights = torch.load(workdir / "models/pretrain/backbone.pt", weights_only=False)["backbone"]
-    fresh_weights = torch.load(reference / "models/pretrain/backbone.pt", weights_only=False)["backbone"]
+    resumed_weights = load_backbone(str(workdir / "models/pretrain/backbone.safetensors"))["backbone"]
+    fresh_weights = load_backbone(str(reference / "models/pretrain/backbone.safetensors"))["backbone"]
     assert resumed_weights.keys() == fresh_weights.keys()
     assert all(torch.equal(resumed_weights[k], fresh_weights[k]) for k in fresh_weights)
+
+    # The training curves (DVCLive) continue across the SIGTERM: every step once, the uninterrupted run's values.
+    def rows(root: Path, name: str) -> list[tuple[int, float]]:
+        lines = (root / "models/pretrain/curves/plots/metrics" / name).read_text().splitlines()[1:]
+        return [(int(step), float(value)) for step, value in (line.split("\t") for line in lines)]
+
+    for name in ("train/step/loss.tsv", "train/step/lr.tsv", "val/acc.tsv"):
+        resumed_rows, fresh_rows = rows(workdir, name), rows(reference, name)
+        assert [s for s, _ in resumed_rows] == [s for s, _ in fresh_rows], name
+        assert [v for _, v in resumed_rows] == pytest.approx([v for _, v in fresh_rows], rel=1e-5), name
+    assert [s for s, _ in rows(workdir, "train/step/loss.tsv")] == list(range(1, total + 1))

@@ -14,7 +14,7 @@ from pipeline.config import Config
 from pipeline.data.prepared import load_prepared
 from pipeline.data.shards import read_shard
 from pipeline.errors import DataError
-from pipeline.models.bundle import load_classifier
+from pipeline.models.bundle import load_backbone, load_classifier
 from pipeline.models.classifier import Classifier
 from pipeline.stages import STAGES, stage_runner
 from pipeline.training import steps_per_epoch
@@ -97,7 +97,7 @@ def test_pretrain_trains_the_configured_steps(tiny_run):
     assert summary["steps"] == expected == results["pretrain"]["steps"]
     assert summary["resumed_from_step"] == 0 and summary["world_size"] == 1
     assert 0.0 <= summary["best_val_accuracy"] <= 1.0
-    backbone = torch.load(out / "backbone.pt", weights_only=False)
+    backbone = load_backbone(str(out / "backbone.safetensors"))
     assert backbone["image_shape"] == [1, 8, 8]
     assert backbone["corpus_version"] == corpus["data_version"] == summary["corpus_version"]
     assert corpus["data_version"].startswith("corpus-") and corpus["source"] == "builtin:glyphs"
@@ -113,16 +113,16 @@ def test_finetune_trains_both_variants_on_the_label_budget(tiny_run):
     for variant in ("finetuned", "scratch"):
         assert summary[variant]["steps"] == expected
         assert 0.0 <= summary[variant]["val_accuracy"] <= 1.0
-        module, classes = load_classifier(str(out / f"{variant}.pt"))
+        module, classes = load_classifier(str(out / f"{variant}.safetensors"))
         assert classes == [str(d) for d in range(10)]
         assert module(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
 
 def test_finetune_starts_from_the_pretrained_backbone(tiny_run):
     root, _, _ = tiny_run
-    pretrained = torch.load(root / "models/pretrain/backbone.pt", weights_only=False)["backbone"]
-    finetuned, _ = load_classifier(str(root / "models/finetune/finetuned.pt"))
-    scratch, _ = load_classifier(str(root / "models/finetune/scratch.pt"))
+    pretrained = load_backbone(str(root / "models/pretrain/backbone.safetensors"))["backbone"]
+    finetuned, _ = load_classifier(str(root / "models/finetune/finetuned.safetensors"))
+    scratch, _ = load_classifier(str(root / "models/finetune/scratch.safetensors"))
     name = next(k for k in pretrained if k.endswith("weight") and pretrained[k].ndim == 4)
     tuned = finetuned.backbone.state_dict()[name]
     # Unfrozen at a low lr for one epoch: moved, but much closer to the pretrained weights than scratch is.
@@ -170,7 +170,7 @@ def test_metrics_json(tiny_run):
 def test_model_card_records_lineage(tiny_run):
     root, cfg, _ = tiny_run
     release = root / "models" / "release"
-    assert (release / "_COMPLETE").exists() and (release / "finetuned.pt").exists()
+    assert (release / "_COMPLETE").exists() and (release / "finetuned.safetensors").exists()
     card = _json(release / "model_card.json")
     assert card["data_version"] == _json(root / "data/prepared/manifest.json")["data_version"]
     assert "git_commit" in card
@@ -180,7 +180,7 @@ def test_model_card_records_lineage(tiny_run):
     assert all(isinstance(t, (int, float)) and t >= 0 for t in card["wall_time_s"].values())
     assert card["hardware"]["torch"] == torch.__version__ and card["hardware"]["python"]
     assert card["task"]["labels_per_class"] == cfg.finetune.labels_per_class
-    module, classes = load_classifier(str(release / "finetuned.pt"))
+    module, classes = load_classifier(str(release / "finetuned.safetensors"))
     assert len(classes) == 10
 
 
