@@ -5,12 +5,15 @@
 # checkov:skip=CKV_DOCKER_2: batch image; Kubernetes ignores HEALTHCHECK and Job status is the health signal
 
 # Base: python:3.12-slim-bookworm (3.12.15), pinned by its multi-platform index digest so a re-pushed
-# tag cannot change Python or Debian under us. Both stages must use the same digest (the venv's
-# python links to /usr/local/bin/python3.12). Refresh deliberately, in its own commit:
-#   docker buildx imagetools inspect python:3.12-slim-bookworm   # "Digest:" line, then replace both FROMs
+# tag cannot change Python or Debian under us. Both stages use the same base (the venv's python links
+# to /usr/local/bin/python3.12). Refresh deliberately, in its own commit:
+#   docker buildx imagetools inspect python:3.12-slim-bookworm   # "Digest:" line, then replace it below
+# BASE_IMAGE is an argument only so that machines without a registry can name a local substitute
+# (scripts/image-base.sh, used by `make image`); every other build takes this digest.
+ARG BASE_IMAGE=python:3.12-slim-bookworm@sha256:54c85f3c47607a77f32adec749d3c81d1348bf25833671f512b26a9b6d778cb3
 
 # --- builder: the dependency venv, from the hashed lock only --------------------------------------
-FROM python:3.12-slim-bookworm@sha256:54c85f3c47607a77f32adec749d3c81d1348bf25833671f512b26a9b6d778cb3 AS builder
+FROM ${BASE_IMAGE} AS builder
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -19,10 +22,15 @@ RUN python -m venv "$VIRTUAL_ENV"
 # for a code change. Regenerate the lock with: sh requirements/lock.sh
 # All wheels except antlr4-python3-runtime (pure-Python sdist, built here with setuptools).
 COPY requirements/image.lock /tmp/image.lock
-RUN pip install --no-cache-dir --require-hashes --requirement /tmp/image.lock
+# PIP_CERT: a CA bundle path for builds behind a TLS-intercepting proxy, mounted for the build only
+# (`make image` passes the host's); empty by default. The cache mount keeps downloaded wheels between
+# builds on one machine (the lock's hashes still check every one); nothing of it lands in the image.
+ARG PIP_CERT=""
+RUN --mount=type=cache,target=/root/.cache/pip,sharing=locked \
+    pip install --require-hashes ${PIP_CERT:+--cert "$PIP_CERT"} --requirement /tmp/image.lock
 
 # --- final: slim runtime, venv + code, non-root --------------------------------------------------
-FROM python:3.12-slim-bookworm@sha256:54c85f3c47607a77f32adec749d3c81d1348bf25833671f512b26a9b6d778cb3 AS runtime
+FROM ${BASE_IMAGE} AS runtime
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

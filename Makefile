@@ -10,7 +10,9 @@ export PREFECT_HOME ?= $(abspath .prefect)
 # The embedded server's telemetry heartbeat only adds "database is locked" noise to SQLite.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup run test ui bench bench-data lint clean
+.PHONY: setup run test ui bench bench-data lint clean image
+# The image tests and the stand-in cluster's pods run (`make image`; docs/image.md).
+IMAGE ?= localhost/pipeline:dev
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +43,9 @@ bench: setup  ## CPU benchmarks; prints each measured ratio
 
 bench-data: setup  ## data benchmarks (issue 12)
 	$(BIN)/python -m bench.data
+
+image:  ## builds the Dockerfile with buildah as IMAGE (default localhost/pipeline:dev); root, no daemon
+	bash scripts/build-image.sh $(IMAGE)
 
 lint: setup
 	$(BIN)/hadolint Dockerfile

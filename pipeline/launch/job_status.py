@@ -91,13 +91,17 @@ def outcome(job: k8s.V1Job, pods: list[k8s.V1Pod], job_name: str) -> tuple[int, 
     """None while running; (0 | 2 | code, None) when done for good; (code, cause) when a rank was lost.
 
     `pods` is every pod seen during the attempt (a lost pod may be gone by the time the Job fails).
+    The interim conditions count as the final ones: since Kubernetes 1.31 the Job controller adds
+    FailureTarget (or SuccessCriteriaMet) as soon as the outcome is decided and stops the other pods,
+    but Failed (Complete) only once every pod has terminated, i.e. after the survivors' grace period.
+    Both carry the same reason and message, so a crash (an OOM kill) is seen at once.
     """
     conditions = {c.type: c for c in (job.status.conditions or []) if c.status == "True"}
-    if "Complete" in conditions:
+    if "Complete" in conditions or "SuccessCriteriaMet" in conditions:
         return 0, None
-    if "Failed" not in conditions:
+    failed = conditions.get("Failed") or conditions.get("FailureTarget")
+    if failed is None:
         return None
-    failed = conditions["Failed"]
     by_name = {p.metadata.name: p for p in pods}
     codes = {p.metadata.name: exit_code(p) for p in pods}
     if failed.reason == "PodFailurePolicy":
@@ -118,8 +122,9 @@ def outcome(job: k8s.V1Job, pods: list[k8s.V1Pod], job_name: str) -> tuple[int, 
     if 2 in codes.values():
         return 2, None
     if failed.reason == "DeadlineExceeded":
-        # The stage's own time limit: a new attempt would only run past it again.
-        nonzero = [c for c in codes.values() if c]
+        # The stage's own time limit: a new attempt would only run past it again. The pods the Job
+        # controller stopped for it say nothing (their 143 comes after FailureTarget, before Failed).
+        nonzero = [codes[p.metadata.name] for p in pods if codes[p.metadata.name] and not p.metadata.deletion_timestamp]
         return (nonzero[-1] if nonzero else 1), None
     # A rank failed on its own (crash, OOM kill, lost node): the first one not stopped by the Job controller.
     disrupted = [p for p in pods if disruption(p)]

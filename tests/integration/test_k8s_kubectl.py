@@ -7,6 +7,7 @@ operator would meet them (docs/kubernetes.md).
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -14,6 +15,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,7 @@ from pipeline.launch.k8s_manifests import KubernetesLaunchConfig, render_job, re
 from tests.integration.test_k8s_launcher import FAKE
 from tests.k8s_standin.fixture import wait_for as _wait_for
 from tests.k8s_standin import StandIn, k8s_standin  # noqa: F401  (pytest fixture)
+from tests.k8s_standin import protobuf, resources
 from tests.k8s_standin.fixture import REPO_ROOT
 
 KUBECTL = shutil.which("kubectl")
@@ -275,3 +279,188 @@ def test_standalone_server_serves_until_sigterm(tmp_path):
     finally:
         if server.poll() is None:
             server.kill()
+
+
+# ---- `kubectl create <kind>`: typed clients that send protobuf ------------------------------------
+PROTOBUF = "application/vnd.kubernetes.protobuf"
+
+
+def _create(kubectl, *args: str) -> subprocess.CompletedProcess:
+    """`kubectl create ...`, asserting it worked and that its body went as protobuf (-v=7 logs headers)."""
+    done = kubectl("-v=7", "create", *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"Content-Type: {PROTOBUF}" in done.stderr  # else this test would not exercise protobuf.py
+    return done
+
+
+def _stored(standin, plural: str, name: str, namespace: str | None = NS) -> dict:
+    (obj,) = [o for o in standin.objects(plural) if o["metadata"]["name"] == name
+              and o["metadata"].get("namespace") == namespace]
+    return obj
+
+
+def test_kubectl_create_job_wait_logs_get_and_delete(k8s_standin, kubectl):  # noqa: F811
+    created = _create(kubectl, "job", "demo", "-n", NS, "--image=registry.example/pipeline:test", "--",
+                      "python", "-c", "print(6 * 7)")
+    assert "job.batch/demo created" in created.stdout
+    (job,) = k8s_standin.jobs()
+    pod_spec = job["spec"]["template"]["spec"]
+    assert pod_spec["restartPolicy"] == "Never"
+    assert pod_spec["containers"] == [{"name": "demo", "image": "registry.example/pipeline:test",
+                                       "command": ["python", "-c", "print(6 * 7)"]}]
+
+    waited = kubectl("wait", "--for=condition=complete", "job/demo", "-n", NS, "--timeout=60s")
+    assert waited.returncode == 0, waited.stderr
+    assert "job.batch/demo condition met" in waited.stdout
+    logs = kubectl("logs", "job/demo", "-n", NS)
+    assert logs.returncode == 0, logs.stderr
+    assert logs.stdout.strip() == "42"
+    got = kubectl("get", "job", "demo", "-n", NS, "-o", "json")
+    assert got.returncode == 0, got.stderr
+    shown = json.loads(got.stdout)
+    assert shown["spec"]["template"]["spec"]["containers"][0]["command"] == ["python", "-c", "print(6 * 7)"]
+    assert shown["status"]["succeeded"] == 1
+    assert any(c["type"] == "Complete" and c["status"] == "True" for c in shown["status"]["conditions"])
+    (pod,) = k8s_standin.pods()
+    assert pod["metadata"]["labels"]["job-name"] == "demo" and pod["status"]["phase"] == "Succeeded"
+
+    deleted = kubectl("delete", "job", "demo", "-n", NS)
+    assert deleted.returncode == 0 and 'job.batch "demo" deleted' in deleted.stdout
+    _wait_for(lambda: "No resources found" in kubectl("get", "jobs,pods", "-n", NS).stderr,
+              "the Job and its pod to go")
+    assert kubectl("get", "job", "demo", "-n", NS).returncode != 0
+
+
+def test_kubectl_create_subcommands_store_what_they_were_told(k8s_standin, kubectl):  # noqa: F811
+    _create(kubectl, "configmap", "settings", "-n", NS, "--from-literal=LEVEL=debug", "--from-literal=EMPTY=")
+    assert _stored(k8s_standin, "configmaps", "settings")["data"] == {"LEVEL": "debug", "EMPTY": ""}
+
+    _create(kubectl, "secret", "generic", "creds", "-n", NS, "--from-literal=TOKEN=s3cr3t")
+    secret = _stored(k8s_standin, "secrets", "creds")
+    assert secret["type"] == "Opaque" and secret["data"] == {"TOKEN": base64.b64encode(b"s3cr3t").decode()}
+    _create(kubectl, "secret", "docker-registry", "pull", "-n", NS, "--docker-server=registry.example",
+            "--docker-username=bot", "--docker-password=pw")
+    pull = _stored(k8s_standin, "secrets", "pull")
+    assert pull["type"] == "kubernetes.io/dockerconfigjson"
+    auth = json.loads(base64.b64decode(pull["data"][".dockerconfigjson"]))["auths"]["registry.example"]
+    assert (auth["username"], auth["password"]) == ("bot", "pw")
+
+    _create(kubectl, "serviceaccount", "runner", "-n", NS)
+    assert _stored(k8s_standin, "serviceaccounts", "runner")["metadata"]["uid"]
+
+    _create(kubectl, "role", "reader", "-n", NS, "--verb=get,list", "--resource=pods,jobs.batch")
+    assert _stored(k8s_standin, "roles", "reader")["rules"] == [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list"]}]
+    _create(kubectl, "rolebinding", "reader", "-n", NS, "--role=reader", f"--serviceaccount={NS}:runner",
+            "--user=alice")
+    binding = _stored(k8s_standin, "rolebindings", "reader")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "reader"}
+    assert sorted(binding["subjects"], key=lambda s: s["kind"]) == [
+        {"kind": "ServiceAccount", "name": "runner", "namespace": NS},
+        {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice"}]
+
+    _create(kubectl, "service", "clusterip", "api", "-n", NS, "--tcp=5678:8080", "--tcp=80:http")
+    api = _stored(k8s_standin, "services", "api")
+    assert api["spec"]["selector"] == {"app": "api"} and api["spec"]["type"] == "ClusterIP"
+    assert api["spec"]["ports"] == [  # IntOrString: a number, then a named port
+        {"name": "5678-8080", "protocol": "TCP", "port": 5678, "targetPort": 8080},
+        {"name": "80-http", "protocol": "TCP", "port": 80, "targetPort": "http"}]
+    _create(kubectl, "service", "clusterip", "peers", "-n", NS, "--clusterip=None")
+    assert _stored(k8s_standin, "services", "peers")["spec"]["clusterIP"] == "None"
+
+    _create(kubectl, "namespace", "scratch")
+    assert _stored(k8s_standin, "namespaces", "scratch", None)["metadata"]["name"] == "scratch"
+
+    _create(kubectl, "deployment", "web", "-n", NS, "--image=registry.example/pipeline:test", "--replicas=0",
+            "--port=8080", "--", "python", "-c", "print(1)")
+    spec = _stored(k8s_standin, "deployments", "web")["spec"]
+    assert spec["replicas"] == 0  # a pointer's zero is kept, not dropped as an unset field
+    assert spec["selector"] == {"matchLabels": {"app": "web"}}
+    assert spec["template"]["metadata"]["labels"] == {"app": "web"}
+    assert spec["template"]["spec"]["containers"] == [
+        {"name": "pipeline", "image": "registry.example/pipeline:test", "command": ["python", "-c", "print(1)"],
+         "ports": [{"containerPort": 8080}]}]
+
+    listed = kubectl("get", "configmaps,secrets,serviceaccounts,roles,rolebindings,services,deployments",
+                     "-n", NS, "-o", "name")
+    assert listed.returncode == 0, listed.stderr
+    for name in ("configmap/settings", "secret/creds", "secret/pull", "serviceaccount/runner",
+                 "role.rbac.authorization.k8s.io/reader", "rolebinding.rbac.authorization.k8s.io/reader",
+                 "service/api", "service/peers", "deployment.apps/web"):
+        assert name in listed.stdout.split()
+
+
+def test_every_served_kind_has_a_protobuf_table():
+    assert sorted(protobuf.kinds()) == sorted(f"{k.api_version}/{k.kind}" for k in resources.KINDS)
+
+
+def _pb(*fields) -> bytes:
+    """Protobuf wire format: (number, int) is a varint field, (number, str | bytes) a length-delimited one."""
+    def varint(n: int) -> bytes:
+        n &= (1 << 64) - 1
+        out = b""
+        while True:
+            out += bytes([n & 0x7F | (0x80 if n > 0x7F else 0)])
+            n >>= 7
+            if not n:
+                return out
+    out = b""
+    for number, value in fields:
+        if isinstance(value, int):
+            out += varint(number << 3) + varint(value)
+        else:
+            data = value.encode() if isinstance(value, str) else value
+            out += varint(number << 3 | 2) + varint(len(data)) + data
+    return out
+
+
+def _envelope(api_version: str, kind: str, raw: bytes) -> bytes:
+    return b"k8s\x00" + _pb((1, _pb((1, api_version), (2, kind))), (2, raw))  # runtime.Unknown
+
+
+def _post(standin, path: str, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(standin.host + path, body, method="POST", headers={"Content-Type": PROTOBUF})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_protobuf_bodies_decode_as_the_go_types_do(k8s_standin):  # noqa: F811
+    # Field numbers from k8s.io/api's generated.proto, written out here rather than read from the table.
+    container = _pb((1, "main"), (2, "registry.example/pipeline:test"), (3, "python"),
+                    (8, _pb((1, _pb((1, "cpu"), (2, _pb((1, "500m"))))))),  # resources.limits: Quantity
+                    (19, _pb((2, _pb((1, _pb((1, "settings"))))))))  # envFrom[].configMapRef: inlined name
+    pod_spec = _pb((1, _pb((1, "scratch"), (2, _pb((2, b""))))),  # volumes[]: inlined VolumeSource, emptyDir {}
+                   (2, container))
+    spec = _pb((1, 0),  # replicas: 0, a pointer
+               (2, _pb((1, _pb((1, "app"), (2, "pb"))))),
+               (3, _pb((1, _pb((11, _pb((1, "app"), (2, "pb"))))), (2, pod_spec))),
+               (4, _pb((1, "RollingUpdate"), (2, _pb((1, _pb((1, 0), (2, 0))), (2, _pb((1, 1), (3, "25%"))))))),
+               (5, 0),  # minReadySeconds: 0, not a pointer -> omitted, as `omitempty` omits it
+               (99, 7))  # a field number this release does not know: skipped, as the Go decoder skips it
+    status, created = _post(k8s_standin, f"/apis/apps/v1/namespaces/{NS}/deployments",
+                            _envelope("apps/v1", "Deployment", _pb((1, _pb((1, "pb"))), (2, spec))))
+    assert status == 201, created
+    assert created["spec"] == {
+        "replicas": 0, "selector": {"matchLabels": {"app": "pb"}},
+        "template": {"metadata": {"labels": {"app": "pb"}}, "spec": {
+            "volumes": [{"name": "scratch", "emptyDir": {}}],
+            "containers": [{"name": "main", "image": "registry.example/pipeline:test", "command": ["python"],
+                            "resources": {"limits": {"cpu": "500m"}},
+                            "envFrom": [{"configMapRef": {"name": "settings"}}]}]}},
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": "25%"}}}
+    assert _stored(k8s_standin, "deployments", "pb")["spec"] == created["spec"]
+
+    configmap = lambda meta: _envelope("v1", "ConfigMap", _pb((1, meta), (2, _pb((1, "k"), (2, "v")))))  # noqa: E731
+    path = f"/api/v1/namespaces/{NS}/configmaps"
+    assert _post(k8s_standin, path, configmap(_pb((1, 5))))[0] == 400  # name sent as a varint: wrong wire type
+    assert _post(k8s_standin, path, configmap(_pb((1, "cm")))[:-3])[0] == 400  # truncated
+    assert _post(k8s_standin, path, b"k8s")[0] == 400  # no envelope
+    status, body = _post(k8s_standin, path, _envelope("batch/v1", "Job", _pb((1, _pb((1, "cm"))))))
+    assert status == 400 and "batch/v1" in body["message"]  # a Job is not a ConfigMap
+    assert k8s_standin.objects("configmaps", NS) == []
+    status, body = _post(k8s_standin, path, configmap(_pb((1, "cm"))))
+    assert status == 201 and body["data"] == {"k": "v"}, body

@@ -35,17 +35,20 @@ class JobState:
     succeeded: int = 0  # NonIndexed; Indexed Jobs count `completed` indexes
     completed: set[int] = field(default_factory=set)
     started: float = field(default_factory=time.monotonic)
-    finished_at: float | None = None
+    finished_at: float | None = None  # when the terminal condition (Complete/Failed) went in: TTL counts from it
+    target: dict | None = None  # FailureTarget or SuccessCriteriaMet, once the Job's outcome is decided
 
 
 class Cluster:
     def __init__(self, workdir: Path, logdir: Path, secrets: dict[str, dict[str, str]] | None = None,
-                 node_labels: dict[str, str] | None = None, gpus: int = 0, max_grace: float = 5.0,
+                 node_labels: dict[str, str] | None = None, gpus: int = 0, max_grace: float | None = None,
                  dockerfile: Path | None = None, dns_wait: float = 10.0):
         self.workdir, self.logdir = Path(workdir), Path(logdir)
         # Seeded Secrets (name -> {key: value}), visible in every namespace; API-created ones win.
         self.secrets, self.node_labels, self.gpus = secrets or {}, node_labels or {}, gpus
-        self.max_grace = max_grace  # caps terminationGracePeriodSeconds so tests stay quick
+        # None: every pod gets its terminationGracePeriodSeconds (or the DeleteOptions' grace) in full,
+        # as the kubelet gives it; a number caps it, only for callers that ask for that explicitly.
+        self.max_grace = max_grace
         self.dockerfile = Path(dockerfile) if dockerfile else self.workdir / "Dockerfile"
         self.dns_wait = dns_wait  # how long a pod waits for the headless Service its env names
         self.api_url: str | None = None  # set by the server: pods with a token get a kubeconfig for it
@@ -186,6 +189,11 @@ class Cluster:
         self.pods[(ns, name)] = Pod(obj, uid, index, self.logdir / f"{name}.log")
 
     def _reconcile(self, state: JobState) -> None:
+        """One pass of the Job controller's syncJob (pkg/controller/job/job_controller.go) as Kubernetes
+        1.31+ runs it: once the outcome is decided, the interim condition goes in first (FailureTarget,
+        or SuccessCriteriaMet), every pod still active is deleted gracefully and none is created; the
+        terminal Failed (same reason and message) or Complete (with completionTime, which a failed Job
+        never gets) is added only when no pod of the Job is left terminating."""
         job, spec, status = state.obj, state.obj["spec"], state.obj["status"]
         uid, indexed = job["metadata"]["uid"], spec.get("completionMode") == "Indexed"
         if state.finished_at is not None:
@@ -194,6 +202,7 @@ class Cluster:
                 self.delete("jobs", job["metadata"]["namespace"], job["metadata"]["name"], "Background")
             return
         pods = [p for p in self.pods.values() if p.job_uid == uid]
+        fail_job = None  # getFailJobMessage: the first failed pod matching a FailJob rule
         for pod in [p for p in pods if p.finished() and not p.accounted]:
             pod.accounted = True
             if pod.obj["status"]["phase"] == "Succeeded":
@@ -202,36 +211,44 @@ class Cluster:
                 else:
                     state.succeeded += 1
                 continue
-            action, rule = _failure_action(spec.get("podFailurePolicy"), pod.obj)
-            if action == "FailJob":
-                code = _exit_codes(pod.obj).get(pod.obj["spec"]["containers"][0]["name"])
-                return self._finish(state, "Failed", "PodFailurePolicy",
-                                    f"Container {pod.obj['spec']['containers'][0]['name']} for pod "
-                                    f"{pod.obj['metadata']['namespace']}/{pod.name} failed with exit code "
-                                    f"{code} matching FailJob rule at index {rule}")
+            action, message = _failure_action(spec.get("podFailurePolicy"), pod.obj)
+            fail_job = fail_job or (message if action == "FailJob" else None)
             if action != "Ignore":
                 state.failed += 1
-                status["failed"] = state.failed
-                if state.failed > spec.get("backoffLimit", 6):
-                    return self._finish(state, "Failed", "BackoffLimitExceeded",
-                                        "Job has reached the specified backoff limit")
-        deadline = spec.get("activeDeadlineSeconds")
-        if deadline and time.monotonic() - state.started > deadline:
-            return self._finish(state, "Failed", "DeadlineExceeded", "Job was active longer than specified deadline")
-        # A terminating pod still holds its slot unless the Job asks to replace it at once.
-        early = spec.get("podReplacementPolicy") == "TerminatingOrFailed"
-        active = [p for p in pods if not p.finished() and not (early and p.obj["metadata"].get("deletionTimestamp"))]
+        if state.failed:
+            status["failed"] = state.failed
+        if state.target is None:
+            deadline = spec.get("activeDeadlineSeconds")
+            if fail_job:
+                state.target = _condition("FailureTarget", "PodFailurePolicy", fail_job)
+            elif state.failed > spec.get("backoffLimit", 6):
+                state.target = _condition("FailureTarget", "BackoffLimitExceeded",
+                                          "Job has reached the specified backoff limit")
+            elif deadline is not None and not spec.get("suspend") and time.monotonic() - state.started >= deadline:
+                state.target = _condition("FailureTarget", "DeadlineExceeded",
+                                          "Job was active longer than specified deadline")
+        # Active pods exclude terminating ones (FilterActivePods); those are counted apart.
+        active = [p for p in pods if not p.finished() and not p.obj["metadata"].get("deletionTimestamp")]
         completions, parallelism = spec.get("completions"), spec.get("parallelism", 1)
         succeeded = len(state.completed) if indexed else state.succeeded
-        status.update(succeeded=succeeded, active=len(active),
-                      ready=sum(1 for p in active if p.obj["status"]["phase"] == "Running"))
+        status["succeeded"] = succeeded
         if indexed:
             status["completedIndexes"] = _ranges(sorted(state.completed))
-        if (completions is not None and succeeded >= completions) or (completions is None and succeeded and not active):
-            return self._finish(state, "Complete", None, None)
+        if state.target is None and ((completions is not None and succeeded >= completions and not active)
+                                     or (completions is None and succeeded and not active)):
+            state.target = _condition("SuccessCriteriaMet", "CompletionsReached",
+                                      "Reached expected number of succeeded pods")
+        if state.target is not None:
+            return self._conclude(state, pods)
+        terminating = [p for p in pods if not p.finished() and p.obj["metadata"].get("deletionTimestamp")]
+        status.update(active=len(active), terminating=len(terminating),
+                      ready=sum(1 for p in active if p.obj["status"]["phase"] == "Running"))
         if spec.get("suspend"):
             return
-        room = max(0, parallelism - len(active))
+        # onlyReplaceFailedPods: with podReplacementPolicy Failed (the API's default when a
+        # podFailurePolicy is set) a terminating pod still holds its slot until it has failed.
+        hold = spec.get("podReplacementPolicy") == "Failed" or spec.get("podFailurePolicy") is not None
+        room = max(0, parallelism - len(active) - (len(terminating) if hold else 0))
         if indexed:
             busy = {p.index for p in active}
             for index in [i for i in range(completions) if i not in state.completed and i not in busy][:room]:
@@ -241,23 +258,44 @@ class Cluster:
             for _ in range(max(0, wanted)):
                 self._create_pod(state, None)
 
-    def _finish(self, state: JobState, kind: str, reason: str | None, message: str | None) -> None:
+    def _conclude(self, state: JobState, pods: list[Pod]) -> None:
+        """The outcome is decided (state.target): delete what is still active and start nothing; once no
+        pod is left terminating, add the terminal condition (trackJobStatusAndRemoveFinalizers,
+        enactJobFinished)."""
+        status, failing = state.obj["status"], state.target["type"] == "FailureTarget"
+        for pod in pods:
+            if pod.finished() or pod.accounted:
+                continue
+            pod.accounted = True  # its outcome is settled now: the pod may go once it has exited
+            # "When the job is considered finished, every non-terminated pod is considered failed."
+            if failing and _failure_action(state.obj["spec"].get("podFailurePolicy"), pod.obj)[0] != "Ignore":
+                state.failed += 1
+                status["failed"] = state.failed
+            self._delete_pod(pod)
+        terminating = [p for p in pods if not p.finished()]
+        status.update(active=0, ready=0, terminating=len(terminating))
+        conditions = status.setdefault("conditions", [])
+        if not any(c["type"] == state.target["type"] for c in conditions):
+            conditions.append(state.target)
+        if not terminating:
+            self._finish(state)
+
+    def _finish(self, state: JobState) -> None:
+        """The terminal condition, with the interim one's reason and message: Failed after FailureTarget,
+        Complete after SuccessCriteriaMet; only Complete gets a completionTime (enactJobFinished)."""
+        kind = "Failed" if state.target["type"] == "FailureTarget" else "Complete"
+        condition = _condition(kind, state.target["reason"], state.target["message"])
+        state.obj["status"]["conditions"].append(condition)
+        if kind == "Complete":
+            state.obj["status"]["completionTime"] = condition["lastTransitionTime"]
         state.finished_at = time.monotonic()
-        condition = {"type": kind, "status": "True", "lastTransitionTime": now_iso()}
-        if reason:
-            condition.update(reason=reason, message=message)
-        state.obj["status"].update(conditions=[condition], completionTime=now_iso(), active=0, ready=0)
-        for pod in self.pods.values():  # a finished Job's running pods are terminated
-            if pod.job_uid == state.obj["metadata"]["uid"] and not pod.finished():
-                pod.accounted = True
-                self._delete_pod(pod)
 
     def _delete_pod(self, pod: Pod, grace: int | None = None) -> None:
         if pod.obj["metadata"].get("deletionTimestamp"):
             return
         grace = pod.obj["spec"].get("terminationGracePeriodSeconds", 30) if grace is None else grace
         pod.obj["metadata"].update(deletionTimestamp=now_iso(), deletionGracePeriodSeconds=grace)
-        pod.kill_at = time.monotonic() + min(grace, self.max_grace)
+        pod.kill_at = time.monotonic() + (grace if self.max_grace is None else min(grace, self.max_grace))
         send_signal(pod, signal.SIGTERM)
 
     # ---- controller loop -------------------------------------------------------------------
@@ -329,22 +367,33 @@ def _exit_codes(pod: dict) -> dict[str, int]:
             for c in pod["status"].get("containerStatuses", []) if "terminated" in c.get("state", {})}
 
 
-def _failure_action(policy: dict | None, pod: dict) -> tuple[str | None, int | None]:
-    """First matching podFailurePolicy rule (action, index), evaluated in order as the Job controller does."""
-    codes = _exit_codes(pod)
-    conditions = {(c["type"], c["status"]) for c in pod["status"].get("conditions", [])}
+def _failure_action(policy: dict | None, pod: dict) -> tuple[str | None, str | None]:
+    """matchPodFailurePolicy (pkg/controller/job/pod_failure_policy.go): the first matching rule, in
+    order -> (action, its FailJob message as the Job controller words it)."""
+    ns, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
     for i, rule in enumerate((policy or {}).get("rules", [])):
-        on_codes = rule.get("onExitCodes")
+        action, on_codes = rule["action"], rule.get("onExitCodes")
         if on_codes:
-            wanted = [c for n, c in codes.items() if on_codes.get("containerName") in (None, n) and c != 0]
-            hit = [c in on_codes["values"] for c in wanted]
-            operator = on_codes["operator"]
-            if (operator == "In" and any(hit)) or (operator == "NotIn" and hit and not all(hit)):
-                return rule["action"], i
-        for cond in rule.get("onPodConditions", []):
-            if (cond["type"], cond.get("status", "True")) in conditions:
-                return rule["action"], i
+            for container, code in _exit_codes(pod).items():
+                if on_codes.get("containerName") not in (None, container) or code == 0:
+                    continue
+                operator, listed = on_codes["operator"], code in on_codes["values"]
+                if (operator == "In" and listed) or (operator == "NotIn" and not listed):
+                    return action, (f"Container {container} for pod {ns}/{name} failed with exit code {code} "
+                                    f"matching {action} rule at index {i}")
+        elif rule.get("onPodConditions"):
+            for cond in pod["status"].get("conditions", []):
+                for pattern in rule["onPodConditions"]:
+                    if (cond["type"], cond.get("status")) == (pattern["type"], pattern.get("status", "True")):
+                        return action, (f"Pod {ns}/{name} has condition {cond['type']} matching {action} "
+                                        f"rule at index {i}")
     return None, None
+
+
+def _condition(kind: str, reason: str, message: str) -> dict:
+    now = now_iso()
+    return {"type": kind, "status": "True", "reason": reason, "message": message,
+            "lastProbeTime": now, "lastTransitionTime": now}
 
 
 def _ranges(indexes: list[int]) -> str:
