@@ -23,9 +23,8 @@ from pipeline.launch.kubernetes import (
 )
 from pipeline.models.bundle import load_backbone
 from tests.k8s_standin import k8s_standin  # noqa: F401  (pytest fixture)
-from tests.k8s_standin.fixture import wait_for
+from tests.k8s_standin.fixture import FAKE, FAKE_IMAGE, wait_for
 
-FAKE = ["python", "-m", "tests.k8s_standin.fake_stage"]
 INDEX = "batch.kubernetes.io/job-completion-index"
 JOB = "pipeline.example/job"
 
@@ -55,7 +54,7 @@ class TimedLines:
 
 
 def _fake_cfg(tmp_path: Path, **overrides) -> KubernetesLaunchConfig:
-    base = dict(namespace="ml", image="registry.example/pipeline:test", command=FAKE, poll_seconds=0.2,
+    base = dict(namespace="ml", image=FAKE_IMAGE, command=FAKE, poll_seconds=0.2,
                 log_dir=str(tmp_path / "logs"), termination_grace_seconds=3)
     return KubernetesLaunchConfig(**{**base, **overrides})
 

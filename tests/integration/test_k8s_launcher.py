@@ -21,13 +21,14 @@ from pipeline.launch.kubernetes import (
     delete_jobs_for_run,
 )
 from tests.k8s_standin import k8s_standin  # noqa: F401  (pytest fixture)
-from tests.k8s_standin.fixture import wait_for as _wait_for
+from tests.k8s_standin.fixture import FAKE, FAKE_IMAGE, wait_for as _wait_for
 
-FAKE = ["python", "-m", "tests.k8s_standin.fake_stage"]
+pytest_plugins = ["tests.s3_fixtures"]
+
 
 
 def _cfg(tmp_path: Path, **overrides) -> KubernetesLaunchConfig:
-    base = dict(namespace="ml", image="registry.example/pipeline:test", command=FAKE, poll_seconds=0.2,
+    base = dict(namespace="ml", image=FAKE_IMAGE, command=FAKE, poll_seconds=0.2,
                 log_dir=str(tmp_path / "logs"), termination_grace_seconds=3)
     return KubernetesLaunchConfig(**{**base, **overrides})
 
@@ -75,9 +76,11 @@ def test_exit_2_fails_the_job_at_once_without_retry(k8s_standin, tmp_path):
     assert job["status"]["conditions"][0]["reason"] == "PodFailurePolicy"
 
 
-def test_infra_failures_restart_as_new_attempts_within_max_restarts(k8s_standin, tmp_path):
+def test_infra_failures_restart_as_new_attempts_within_max_restarts(k8s_standin, tmp_path, s3):
     launcher = KubernetesLauncher(_cfg(tmp_path, max_restarts=1), k8s_standin.api_client())
-    assert launcher.run(_cmd(f"crash-once:{tmp_path / 'marker'}"), Lines()) == 0
+    cmd = _cmd(f"crash-once:{s3.uri('marker')}")
+    cmd.env.update(k8s_standin.lend_s3(s3))
+    assert launcher.run(cmd, Lines()) == 0
     assert len(k8s_standin.processes()) == 2 and len(launcher.jobs) == 2
     assert launcher.restarts == ["rank 0 exited 1 on attempt 1 of 2"]
     with pytest.raises(StageRestartsExhausted) as caught:  # 1 try + 1 restart, then it gives up
@@ -108,13 +111,15 @@ def test_cancel_deletes_job_service_and_pods_and_kills_processes(k8s_standin, tm
     assert all(p.poll() is not None for p in k8s_standin.processes())
 
 
-def test_evicted_single_pod_restarts_as_a_new_attempt_and_resumes(k8s_standin, tmp_path):
-    checkpoint = tmp_path / "step.ckpt"
+def test_evicted_single_pod_restarts_as_a_new_attempt_and_resumes(k8s_standin, tmp_path, s3):
+    checkpoint = s3.uri("step.ckpt")
     launcher = KubernetesLauncher(_cfg(tmp_path, max_restarts=1), k8s_standin.api_client())
     log, outcome = Lines(), {}
-    thread = threading.Thread(target=lambda: outcome.update(code=launcher.run(_cmd(f"steps:15:{checkpoint}"), log)))
+    cmd = _cmd(f"steps:15:{checkpoint}")
+    cmd.env.update(k8s_standin.lend_s3(s3))
+    thread = threading.Thread(target=lambda: outcome.update(code=launcher.run(cmd, log)))
     thread.start()
-    _wait_for(lambda: checkpoint.exists() and int(checkpoint.read_text()) >= 3, "3 steps")
+    _wait_for(lambda: s3.fs.exists(checkpoint) and int(s3.fs.cat_file(checkpoint)) >= 3, "3 steps")
     (pod,) = k8s_standin.pods()
     k8s_standin.evict(pod["metadata"]["name"])
     thread.join(60)

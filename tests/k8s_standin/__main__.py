@@ -1,4 +1,4 @@
-"""Run the stand-in by hand: `python -m tests.k8s_standin --kubeconfig FILE [--workdir DIR]`.
+"""Run the stand-in by hand: `python -m tests.k8s_standin --kubeconfig FILE` (as root; `make image` first).
 
 It listens on a free 127.0.0.1 port, writes a kubeconfig for it, prints the URL and serves
 until SIGTERM or SIGINT; then it stops its pods' processes and exits 0. Then, e.g.:
@@ -13,13 +13,12 @@ import tempfile
 import threading
 from pathlib import Path
 
-from tests.k8s_standin.fixture import REPO_ROOT, StandIn
+from tests.k8s_standin.fixture import StandIn, node_settings
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.k8s_standin", description=__doc__.splitlines()[0])
     parser.add_argument("--kubeconfig", required=True, type=Path, help="where to write the kubeconfig")
-    parser.add_argument("--workdir", type=Path, default=REPO_ROOT, help="the image's WORKDIR (default: this checkout)")
     parser.add_argument("--logdir", type=Path, help="pod logs and per-pod /tmp (default: a temporary folder)")
     parser.add_argument("--gpus", type=int, default=0, help="nvidia.com/gpu the one node offers")
     args = parser.parse_args(argv)
@@ -27,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     with tempfile.TemporaryDirectory(prefix="k8s-standin-") as scratch:
-        standin = StandIn(args.workdir, args.logdir or Path(scratch), gpus=args.gpus)
+        standin = StandIn(args.logdir or Path(scratch), node=node_settings(gpus=args.gpus))
         try:
             standin.write_kubeconfig(args.kubeconfig)
             print(standin.host, flush=True)

@@ -20,8 +20,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.localserver import free_port
-from tests.k8s_standin.kubelet import Kubelet, Pod, send_signal
+from tests.k8s_standin import dns
+from tests.k8s_standin.kubelet import Kubelet, NodeSettings, Pod, send_signal
+from tests.k8s_standin.podnet import PodNetwork
 from tests.k8s_standin.store import Store, now_iso, random_suffix
 
 INDEX_KEY = "batch.kubernetes.io/job-completion-index"
@@ -30,7 +31,6 @@ INDEX_KEY = "batch.kubernetes.io/job-completion-index"
 @dataclass
 class JobState:
     obj: dict
-    port: int
     failed: int = 0
     succeeded: int = 0  # NonIndexed; Indexed Jobs count `completed` indexes
     completed: set[int] = field(default_factory=set)
@@ -40,24 +40,24 @@ class JobState:
 
 
 class Cluster:
-    def __init__(self, workdir: Path, logdir: Path, secrets: dict[str, dict[str, str]] | None = None,
-                 node_labels: dict[str, str] | None = None, gpus: int = 0, max_grace: float | None = None,
-                 dockerfile: Path | None = None, dns_wait: float = 10.0):
-        self.workdir, self.logdir = Path(workdir), Path(logdir)
+    def __init__(self, logdir: Path, secrets: dict[str, dict[str, str]] | None = None,
+                 node: NodeSettings | None = None, max_grace: float | None = None):
+        self.logdir = Path(logdir)
         # Seeded Secrets (name -> {key: value}), visible in every namespace; API-created ones win.
-        self.secrets, self.node_labels, self.gpus = secrets or {}, node_labels or {}, gpus
+        self.secrets = secrets or {}
         # None: every pod gets its terminationGracePeriodSeconds (or the DeleteOptions' grace) in full,
         # as the kubelet gives it; a number caps it, only for callers that ask for that explicitly.
         self.max_grace = max_grace
-        self.dockerfile = Path(dockerfile) if dockerfile else self.workdir / "Dockerfile"
-        self.dns_wait = dns_wait  # how long a pod waits for the headless Service its env names
-        self.api_url: str | None = None  # set by the server: pods with a token get a kubeconfig for it
+        self.node = node or NodeSettings()
+        self.net = PodNetwork()  # pods' own network namespaces; the node's address serves DNS and the API
+        self.net.serve_udp(53, dns.handler(self.node.cluster_domain, self._resolve))
+        self.api_url: str | None = None  # the API as pods reach it (serve_api): pods with a token get a kubeconfig
         self.lock = threading.RLock()
         self.store = Store(self.lock)
         self.jobs: dict[str, JobState] = {}  # by Job uid
         self.pods: dict[tuple[str, str], Pod] = {}
         self.processes: list[subprocess.Popen] = []  # every process ever started, for leak checks
-        self.kubelet = Kubelet(self)
+        self.kubelet = Kubelet(self, self.node, self.net)
         self._seen: dict[str, str] = {}  # uid -> last published status, to emit MODIFIED events
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="standin-controller")
@@ -69,7 +69,7 @@ class Cluster:
             self.store.add(plural, obj)
             if plural == "jobs":
                 obj["status"] = {"startTime": now_iso(), "active": 0}
-                state = JobState(obj, free_port())
+                state = JobState(obj)
                 self.jobs[obj["metadata"]["uid"]] = state
                 self._reconcile(state)  # pods exist as soon as the create call returns
             return obj
@@ -347,14 +347,27 @@ class Cluster:
                 if not any(n == name for (_, n, _) in self.store.objects):
                     self._remove(plural, obj)
 
+    def serve_api(self, port: int) -> None:
+        """The API server on the host's 127.0.0.1:port, as pods reach it: at the node address."""
+        self.api_url = f"http://{self.net.expose(port)}"
+
+    def _resolve(self, host: str, subdomain: str, ns: str) -> str | None:
+        return self.kubelet.resolve(host, subdomain, ns)
+
+    def record_event(self, ns: str, event: dict) -> None:
+        self.store.add("events", event)
+
     def shutdown(self) -> None:
         self._stop.set()
         self._thread.join(5)
         with self.lock:
-            for proc in self.processes:
+            for proc in self.processes:  # SIGKILL to a shim ends its whole container
                 if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.kill()
                     proc.wait(10)
+            for pod in self.pods.values():
+                self.kubelet.release(pod)
+        self.net.close()
 
 
 def _blocks(dependent: dict, owner_uid: str) -> bool:

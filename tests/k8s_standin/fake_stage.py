@@ -1,8 +1,10 @@
 """A stand-in for `python -m pipeline <stage>` in launcher tests: fast, and scriptable by env.
 
-FAKE_MODE: ok | exit:<code> | crash-once:<marker file> | steps:<total>:<checkpoint file> |
+FAKE_MODE: ok | exit:<code> | crash-once:<marker URL> | steps:<total>:<checkpoint URL> | sleep:<s> |
 rendezvous (torch.distributed gloo over MASTER_ADDR/MASTER_PORT, the real thing DDP does first).
-Every mode prints its argv and rank env first, so tests can see what the pod was given.
+Every mode prints its argv and rank env first, so tests can see what the pod was given. State that
+must outlive a pod (marker, checkpoint) lives at an fsspec URL: s3://... on the tests' moto, as a
+real stage keeps it on S3 (a pod's own filesystem goes with it).
 """
 from __future__ import annotations
 
@@ -10,19 +12,19 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 
-def _steps(total: int, checkpoint: Path) -> int:
+def _steps(total: int, checkpoint: str) -> int:
+    import fsspec
+
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # resumable, like the real stage
-    step = int(checkpoint.read_text()) if checkpoint.exists() else 0
+    fs, path = fsspec.core.url_to_fs(checkpoint)
+    step = int(fs.cat_file(path)) if fs.exists(path) else 0
     print(f"resumed from step {step}" if step else "starting from step 0", flush=True)
     while step < total:
         time.sleep(0.2)
         step += 1
-        tmp = checkpoint.with_suffix(".tmp")
-        tmp.write_text(str(step))
-        tmp.replace(checkpoint)  # atomic: an eviction never leaves a half-written checkpoint
+        fs.pipe_file(path, str(step).encode())  # one PUT: an eviction never leaves a half-written object
         print(f"step {step}/{total}", flush=True)
     print(f"finished total_steps={step}", flush=True)
     return 0
@@ -45,9 +47,11 @@ def main() -> int:
     if mode == "exit":
         return int(rest)
     if mode == "crash-once":
-        marker = Path(rest)
-        if not marker.exists():
-            marker.write_text("crashed")
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(rest)
+        if not fs.exists(path):
+            fs.pipe_file(path, b"crashed")
             return 1
         return 0
     if mode == "sleep":
@@ -55,7 +59,7 @@ def main() -> int:
         return 0
     if mode == "steps":
         total, _, checkpoint = rest.partition(":")
-        return _steps(int(total), Path(checkpoint))
+        return _steps(int(total), checkpoint)
     if mode == "rendezvous":
         return _rendezvous()
     return 0

@@ -1,12 +1,15 @@
 """`k8s_standin` pytest fixture: a running stand-in API server plus fault-injection handles.
 
 Use it from a conftest.py or test module with `from tests.k8s_standin import k8s_standin`.
-Pods run the image described by the repository's Dockerfile, with the repository root as
-its WORKDIR and this interpreter's venv as the image's, so `python -m pipeline ...` runs
-this checkout's code.
+Pods run in the image `make image` built (IMAGE, default localhost/pipeline:dev), which the
+stand-in's registry serves as `registry.example/pipeline` and `ghcr.io/example/pipeline` (any tag,
+or the image's own digest), each pod in its own network namespace. Launcher tests run FAKE in
+FAKE_IMAGE instead: the same image plus tests/k8s_standin/fake_stage.py (Containerfile.fakes).
 """
 from __future__ import annotations
 
+import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -15,15 +18,50 @@ import pytest
 from kubernetes import client as k8s
 
 from tests.k8s_standin.cluster import Cluster
-from tests.k8s_standin.kubelet import kubeconfig
+from tests.k8s_standin.kubelet import NodeSettings
+from tests.k8s_standin.podspec import kubeconfig
 from tests.k8s_standin.server import StandInServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+IMAGE = os.environ.get("IMAGE", "localhost/pipeline:dev")
+REPOSITORIES = ("registry.example/pipeline", "ghcr.io/example/pipeline")
+FAKE_IMAGE = "registry.example/pipeline-fakes:test"
+FAKE = ["python", "/opt/fakes/fake_stage.py"]
+_fakes: dict[str, str] = {}
+
+
+def require_image(image: str = IMAGE) -> str:
+    """The built image's name; a clear failure when `make image` has not run."""
+    done = subprocess.run(["buildah", "inspect", "--type", "image", image], capture_output=True, text=True)
+    if done.returncode:
+        pytest.fail(f"the stand-in's pods run the image {image}, which is not built here: run `make image` "
+                    f"(or IMAGE=... for another one); buildah said: {done.stderr.strip()[:200]}", pytrace=False)
+    return image
+
+
+def fakes_image() -> str:
+    """IMAGE + the fake stage, built once per session (cached layers: a second build takes a second)."""
+    if not _fakes:
+        base, name = require_image(), "localhost/pipeline-fakes:dev"
+        here = Path(__file__).parent
+        done = subprocess.run(["buildah", "bud", "--isolation", "chroot", "--layers", "--quiet", "-f",
+                               str(here / "Containerfile.fakes"), "--build-arg", f"BASE={base}", "-t", name, str(here)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            pytest.fail(f"building {name}: {done.stderr.strip()[-500:]}", pytrace=False)
+        _fakes["image"] = name
+    return _fakes["image"]
+
+
+def node_settings(**overrides) -> NodeSettings:
+    """The default node: the built image under the test repositories, and the fakes image."""
+    images = {**{repo: require_image() for repo in REPOSITORIES}, FAKE_IMAGE.split(":")[0]: fakes_image()}
+    return NodeSettings(**{"images": images, **overrides})
 
 
 class StandIn:
-    def __init__(self, workdir: Path, logdir: Path, **cluster_options):
-        self.cluster = Cluster(workdir, logdir, **cluster_options)
+    def __init__(self, logdir: Path, secrets: dict | None = None, node: NodeSettings | None = None, **cluster_options):
+        self.cluster = Cluster(logdir, secrets, node or node_settings(), **cluster_options)
         self.server = StandInServer(self.cluster)
         self.host = f"http://{self.server.host}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True, name="standin-http")
@@ -70,6 +108,23 @@ class StandIn:
         with self.cluster.lock:
             return [s.obj for s in self.cluster.jobs.values()]
 
+    def events(self, pod_name: str | None = None) -> list[dict]:
+        return [e for e in self.objects("events") if pod_name in (None, e["involvedObject"]["name"])]
+
+    def node_url(self, port: int) -> str:
+        """A host service on 127.0.0.1:port as pods reach it (the node address): `http://10.x.y.1:port`."""
+        return f"http://{self.cluster.net.expose(port)}"
+
+    def lend_s3(self, s3) -> dict[str, str]:
+        """The tests' S3 (an S3Env from tests/s3_fixtures.py) as pods reach it: seeds the `s3-credentials`
+        Secret (every namespace) and returns the same variables for a StageCommand's env."""
+        from tests.s3_fixtures import AWS_ENV
+
+        port = int(s3.endpoint.rsplit(":", 1)[1])
+        env = {**AWS_ENV, "AWS_ENDPOINT_URL": self.node_url(port)}
+        self.cluster.secrets["s3-credentials"] = env
+        return env
+
     def services(self) -> list[dict]:
         return self.objects("services")
 
@@ -98,7 +153,7 @@ def wait_for(predicate, what: str, timeout: float = 30.0, poll: float = 0.05):
 
 @pytest.fixture
 def k8s_standin(tmp_path):
-    standin = StandIn(REPO_ROOT, tmp_path / "standin-pod-logs", secrets={"s3-credentials": {}})
+    standin = StandIn(tmp_path / "standin-pod-logs", secrets={"s3-credentials": {}})
     try:
         yield standin
     finally:

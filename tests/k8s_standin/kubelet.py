@@ -1,151 +1,45 @@
-"""The one node: what the kubelet and container runtime do between 'scheduled' and 'exited'.
+"""The node: scheduling (with an optional autoscaled GPU pool), the pod sandbox (its own network
+namespace and address), image pulls with a registry's failures and a configured delay, and the
+container itself, made by buildah from the image `make image` built and run by the shim.
 
-A pod's process sees only what a real container would: the image's ENV, the container's
-`env`/`envFrom` resolved the way the kubelet resolves them, HOSTNAME, and (when the pod
-would get a ServiceAccount token) a KUBECONFIG for the stand-in; nothing of the host's
-environment. Paths that name places inside the image map to this checkout (WORKDIR), this
-interpreter's venv (the image's /opt/venv) and a per-pod folder (/tmp: an emptyDir or the
-container's own layer, never shared between pods). A `<host>.<subdomain>.<ns>.svc` name in
-the env resolves to 127.0.0.1 only through a headless Service selecting such a pod, as
-cluster DNS would; the pod waits for that Service briefly, since the launcher creates it
-right after the Job.
+A pod's process sees only what a real container would: the image's filesystem, user, ENV and
+WORKDIR; the container's `env`/`envFrom` resolved as the kubelet resolves them; its volumes; its own
+hostname, /etc/hosts and a resolv.conf pointing at the stand-in's cluster DNS; and (when the pod would
+get a ServiceAccount token) a KUBECONFIG for the stand-in's API at the node address. Nothing of the
+host's environment, venv or checkout.
 """
 from __future__ import annotations
 
-import base64
-import math
-import os
-import re
-import shutil
+import json
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from tests.k8s_standin import image as images
-from tests.k8s_standin.rules import _quantity
+from tests.k8s_standin import dns, podspec, runtime
+from tests.k8s_standin.image import container_argv
+from tests.k8s_standin.podspec import ConfigError, container_env, kubeconfig
 from tests.k8s_standin.store import now_iso
 
-# <hostname>.<subdomain>.<namespace>.svc[.cluster.local]: a pod's DNS name behind a headless Service.
-LABEL = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"
-POD_DNS = re.compile(rf"^(?P<host>{LABEL})\.(?P<sub>{LABEL})\.(?P<ns>{LABEL})\.svc(?:\.cluster\.local)?$")
+SHIM = str(Path(__file__).with_name("shim.py"))  # run by path: the host-side runtime, not the image
+BACKOFF_SECONDS = 2.0  # between pull retries (the kubelet's starts at 10 s and doubles)
 
 
-class ConfigError(LookupError):
-    """A missing ConfigMap/Secret or key: the container waits in CreateContainerConfigError."""
-
-
-def expand(text: str, env: dict[str, str]) -> str:
-    """Kubernetes' $(VAR) expansion: defined names are replaced, `$$` is a literal `$`,
-    anything else (unknown names included) stays as written."""
-    out, i = "", 0
-    while i < len(text):
-        if text.startswith("$$", i):
-            out, i = out + "$", i + 2
-            continue
-        if text.startswith("$(", i) and text.find(")", i) > 0:
-            end = text.find(")", i)
-            name = text[i + 2:end]
-            out, i = out + (env[name] if name in env else text[i:end + 1]), end + 1
-            continue
-        out, i = out + text[i], i + 1
-    return out
-
-
-def container_env(pod: dict, container: dict, configmap, secret) -> dict[str, str]:
-    """The kubelet's makeEnvironmentVariables: envFrom sources in order, then `env` in order,
-    each value expanded against what came before. configmap/secret(name) -> dict | None."""
-    ns = pod["metadata"]["namespace"]
-    env: dict[str, str] = {}
-    for source in container.get("envFrom") or []:
-        what = "configmap" if "configMapRef" in source else "secret"
-        ref = source.get("configMapRef") or source.get("secretRef") or {}
-        data = (configmap if what == "configmap" else secret)(ref.get("name"))
-        if data is None:
-            if ref.get("optional"):
-                continue
-            raise ConfigError(f'{what} "{ref.get("name")}" not found')
-        env.update({source.get("prefix", "") + k: v for k, v in data.items()})
-    for item in container.get("env") or []:
-        name, source = item["name"], item.get("valueFrom")
-        if source is None:
-            env[name] = expand(item.get("value", ""), env)
-        elif "fieldRef" in source:
-            env[name] = field_ref(pod, source["fieldRef"]["fieldPath"])
-        elif "resourceFieldRef" in source:
-            env[name] = resource_field_ref(container, source["resourceFieldRef"])
-        else:
-            what = "ConfigMap" if "configMapKeyRef" in source else "Secret"
-            ref = source.get("configMapKeyRef") or source["secretKeyRef"]
-            data = (configmap if what == "ConfigMap" else secret)(ref.get("name"))
-            if data is None or ref["key"] not in data:
-                if ref.get("optional"):
-                    continue
-                raise ConfigError(f'{what.lower()} "{ref.get("name")}" not found' if data is None
-                                  else f"couldn't find key {ref['key']} in {what} {ns}/{ref.get('name')}")
-            env[name] = data[ref["key"]]
-    return env
-
-
-def field_ref(pod: dict, path: str) -> str:
-    meta, spec = pod["metadata"], pod["spec"]
-    simple = {"metadata.name": meta["name"], "metadata.namespace": meta["namespace"], "metadata.uid": meta.get("uid"),
-              "spec.nodeName": spec.get("nodeName", ""),
-              "spec.serviceAccountName": spec.get("serviceAccountName", "default"),
-              "status.hostIP": "127.0.0.1", "status.podIP": "127.0.0.1", "status.hostIPs": "127.0.0.1",
-              "status.podIPs": "127.0.0.1"}
-    if path in simple:
-        return simple[path] or ""
-    match = re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", path)
-    if match:
-        return (meta.get(match[1]) or {}).get(match[2], "")
-    raise ConfigError(f"unsupported fieldPath: {path}")
-
-
-def resource_field_ref(container: dict, ref: dict) -> str:
-    kind, _, resource = ref["resource"].partition(".")
-    value = _quantity(((container.get("resources") or {}).get(kind) or {}).get(resource, "0")) or 0
-    return str(math.ceil(value / (_quantity(ref.get("divisor", "1")) or 1)))
-
-
-class PathMap:
-    """Image paths -> host paths, longest prefix first: /app -> checkout, /tmp -> per-pod folder."""
-
-    def __init__(self, pairs: dict[str, str]):
-        self.pairs = sorted(((k.rstrip("/"), v) for k, v in pairs.items() if k.rstrip("/")), key=lambda p: -len(p[0]))
-
-    def __call__(self, path: str) -> str:
-        for src, dst in self.pairs:
-            if path == src or path.startswith(src + "/"):
-                return dst + path[len(src):]
-        return path
-
-    def value(self, value: str) -> str:
-        """A whole env value, or each entry of a PATH-like list of absolute paths."""
-        parts = value.split(":")
-        if len(parts) > 1 and all(p.startswith("/") for p in parts):
-            return ":".join(self(p) for p in parts)
-        return self(value) if value.startswith("/") else value
-
-
-def image_paths(image_env: dict[str, str], image_workdir: str, workdir: Path, pod_tmp: Path) -> PathMap:
-    venv = image_env.get("VIRTUAL_ENV", "/opt/venv")
-    return PathMap({"/tmp": str(pod_tmp), image_workdir: str(workdir), f"{venv}/bin": str(Path(sys.executable).parent),
-                    venv: sys.prefix})
-
-
-def kubeconfig(server: str, namespace: str | None = None, user: str | None = None) -> str:
-    """A kubeconfig for the stand-in: plain HTTP on loopback. `user` (e.g. the pod's
-    `system:serviceaccount:<ns>:<name>`) is sent as the bearer token: not a credential, only a name
-    the stand-in records with each request, so tests can check calls against that identity's Role."""
-    context = {"cluster": "standin", "user": "standin", **({"namespace": namespace} if namespace else {})}
-    return yaml.safe_dump({"apiVersion": "v1", "kind": "Config", "current-context": "standin",
-                           "clusters": [{"name": "standin", "cluster": {"server": server}}],
-                           "users": [{"name": "standin", "user": {"token": user} if user else {}}],
-                           "contexts": [{"name": "standin", "context": context}]})
+@dataclass
+class NodeSettings:
+    """What the stand-in's node is and has. Defaults: one CPU node, no delays."""
+    images: dict[str, str] = field(default_factory=dict)  # registry: reference -> local image
+    private_registries: set[str] = field(default_factory=set)  # hosts that need an imagePullSecret
+    pull_seconds: float = 0.0  # first pull of an image on a node (a 6-7 GiB CUDA image: minutes)
+    gpus: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+    # An autoscaled node pool: a pod that fits it but no existing node gets a node after provision_seconds.
+    pool_gpus: int = 0
+    pool_labels: dict[str, str] = field(default_factory=dict)
+    provision_seconds: float = 0.0
+    cluster_domain: str = "cluster.local"
 
 
 @dataclass
@@ -162,38 +56,32 @@ class Pod:
     created: float = field(default_factory=time.monotonic)
     next_try: float = 0.0  # the kubelet retries a pod that cannot start yet
     scheduled: bool = False
+    sandbox: tuple[str, str] | None = None  # (network namespace, pod IP)
+    container: str | None = None  # buildah working container
+    pull_failures: int = 0
+    events: set[str] = field(default_factory=set)  # reasons already reported
 
     @property
     def name(self) -> str:
         return self.obj["metadata"]["name"]
 
+    @property
+    def key(self) -> str:
+        return self.obj["metadata"]["uid"][:12]
+
     def finished(self) -> bool:
         return self.obj["status"]["phase"] in ("Succeeded", "Failed")
 
 
-class _WaitingForDNS(Exception):
-    pass
-
-
 class Kubelet:
-    """The one node: schedules (a crude GPU/nodeSelector check), resolves the container's
-    config, starts it as a process group and reports how it ended."""
+    def __init__(self, cluster, settings: NodeSettings, net):
+        self.cluster, self.settings, self.net = cluster, settings, net
+        self.registry = runtime.Registry(settings.images, settings.private_registries)
+        self.pulls = runtime.Pulls(settings.pull_seconds)
+        self.containers = runtime.Containers()
+        self.scale_up_at: float | None = None  # when the autoscaled node is ready
 
-    def __init__(self, cluster):
-        self.cluster = cluster
-        self._image: tuple = (None, images.ImageConfig())
-
-    def image(self) -> images.ImageConfig:
-        """The Dockerfile's final stage, re-read when the file changes (a bad edit keeps the last good one)."""
-        path = self.cluster.dockerfile
-        try:
-            mtime = path.stat().st_mtime if path.exists() else None
-            if mtime != self._image[0]:
-                self._image = (mtime, images.load(path))
-        except Exception:  # noqa: BLE001 - a half-written Dockerfile must not stop the controller
-            pass
-        return self._image[1]
-
+    # ---- the pod's way to Running ----------------------------------------------------------------
     def start(self, pod: Pod) -> None:
         status, now = pod.obj["status"], time.monotonic()
         if pod.obj["metadata"].get("deletionTimestamp"):
@@ -201,31 +89,33 @@ class Kubelet:
             return
         if now < pod.next_try:
             return
-        pod.next_try = now + 0.5
+        pod.next_try = now + 0.25
         container = pod.obj["spec"]["containers"][0]
         if not pod.scheduled and not self._schedule(pod, container):
             return
+        if pod.sandbox is None:
+            pod.sandbox = self.net.add_pod(pod.key)
+            status.update(podIP=pod.sandbox[1], podIPs=[{"ip": pod.sandbox[1]}])
         try:
-            argv, env, cwd = self._container_config(pod, container)
+            local = self.registry.resolve(container["image"], self._pull_auths(pod.obj))
+        except runtime.PullError as err:
+            return self._pull_failed(pod, container, err)
+        if not self.pulls.ready(local, container.get("imagePullPolicy", "IfNotPresent")):
+            self._event(pod, "Pulling", f'Pulling image "{container["image"]}"')
+            return self._waiting(pod, container, "ContainerCreating", "")
+        self._event(pod, "Pulled", f'Successfully pulled image "{container["image"]}"')
+        try:
+            spec = self._container_spec(pod, container, local)
         except ConfigError as err:
             return self._waiting(pod, container, "CreateContainerConfigError", str(err))
-        except _WaitingForDNS as err:
-            return self._waiting(pod, container, "ContainerCreating", str(err))
         except ValueError as err:
             return self._waiting(pod, container, "CreateContainerError", str(err))
-        pod.argv, pod.env = argv, env
-        try:
-            (self.cluster.logdir / "pods" / pod.name / "tmp").mkdir(parents=True, exist_ok=True)
-            with open(pod.log_path, "wb") as out:
-                pod.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
-        except OSError as err:
-            # What containerd reports for a missing or non-executable command.
-            status.update(phase="Failed", containerStatuses=[cstatus(container, {"terminated": {
-                "exitCode": 128, "reason": "StartError", "message": f"failed to create containerd task: "
-                f"OCI runtime create failed: unable to start container process: exec: {argv[0]!r}: {err.strerror}",
-                "startedAt": "1970-01-01T00:00:00Z", "finishedAt": now_iso()}})])
-            return
+        spec_path = self.cluster.logdir / "pods" / pod.name / "container.json"
+        spec_path.write_text(json.dumps(spec))
+        with open(pod.log_path, "wb") as out:
+            pod.proc = subprocess.Popen([sys.executable, SHIM, str(spec_path)],
+                                        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        start_new_session=True, cwd="/")
         self.cluster.processes.append(pod.proc)
         status.update(phase="Running", startTime=status.get("startTime") or now_iso())
         status["containerStatuses"] = [cstatus(container, {"running": {"startedAt": now_iso()}})]
@@ -234,71 +124,156 @@ class Kubelet:
         if pod.proc is None or pod.finished() or pod.proc.poll() is None:
             return
         code = pod.proc.returncode
-        code = 128 - code if code < 0 else code  # killed by signal N -> 128+N, as the kubelet reports
+        code = 128 - code if code < 0 else code  # the shim killed by signal N -> 128+N, as the kubelet reports
         container = pod.obj["spec"]["containers"][0]
+        terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
+                      "startedAt": pod.obj["status"].get("startTime"), "finishedAt": now_iso()}
+        log = pod.log_path.read_text(errors="replace") if pod.log_path.exists() else ""
+        if code == 128 and "standin-shim: unable to start container process" in log:
+            message = log.split("standin-shim: ", 1)[1].strip()
+            terminated.update(reason="StartError", message=f"failed to create containerd task: OCI runtime create "
+                                                            f"failed: runc create failed: {message}")
         pod.obj["status"]["phase"] = "Succeeded" if code == 0 else "Failed"
-        pod.obj["status"]["containerStatuses"] = [cstatus(container, {"terminated": {
-            "exitCode": code, "reason": "Completed" if code == 0 else "Error",
-            "startedAt": pod.obj["status"].get("startTime"), "finishedAt": now_iso()}})]
+        pod.obj["status"]["containerStatuses"] = [cstatus(container, {"terminated": terminated})]
+        self.release(pod)
 
+    def release(self, pod: Pod) -> None:
+        """The container and the sandbox go once the process has ended (its log stays for `kubectl logs`)."""
+        if pod.container:
+            self.containers.remove(pod.container)
+            pod.container = None
+        if pod.sandbox:
+            self.net.remove_pod(pod.key)
+            pod.sandbox = None
+
+    # ---- scheduling, with a cluster autoscaler's decisions ------------------------------------------
     def _schedule(self, pod: Pod, container: dict) -> bool:
-        spec, status = pod.obj["spec"], pod.obj["status"]
+        spec, status, s = pod.obj["spec"], pod.obj["status"], self.settings
         gpus = int(((container.get("resources") or {}).get("limits") or {}).get("nvidia.com/gpu", 0))
         selector = spec.get("nodeSelector") or {}
-        if gpus > self.cluster.gpus or any(self.cluster.node_labels.get(k) != v for k, v in selector.items()):
-            if not status["conditions"]:
-                status["conditions"].append({"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                                             "message": f"0/1 nodes are available: needs {gpus} nvidia.com/gpu "
-                                                        f"and node labels {selector}"})
+        fits_node = gpus <= s.gpus and all(s.labels.get(k) == v for k, v in selector.items())
+        fits_pool = s.provision_seconds > 0 and gpus <= s.pool_gpus and all(
+            s.pool_labels.get(k) == v for k, v in selector.items())
+        if not fits_node and fits_pool and self.scale_up_at is not None and time.monotonic() >= self.scale_up_at:
+            fits_node = True  # the new node has joined
+        if not fits_node:
+            message = (f"0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector or had "
+                       f"insufficient nvidia.com/gpu (needs {gpus}, node labels {selector}). preemption: 0/1 nodes "
+                       f"are available: 1 Preemption is not helpful for scheduling.")
+            status["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                     "message": message, "lastTransitionTime": now_iso()}]
+            self._event(pod, "FailedScheduling", message, kind="Warning", source="default-scheduler")
+            if fits_pool:
+                if self.scale_up_at is None:
+                    self.scale_up_at = time.monotonic() + s.provision_seconds
+                self._event(pod, "TriggeredScaleUp", "pod triggered scale-up: [{gpu-pool 0->1 (max: 1)}]",
+                            source="cluster-autoscaler")
+            elif s.provision_seconds > 0:
+                self._event(pod, "NotTriggerScaleUp", f"pod didn't trigger scale-up: 1 node(s) didn't match Pod's "
+                            f"node affinity/selector or had insufficient nvidia.com/gpu", kind="Warning",
+                            source="cluster-autoscaler")
             return False
         pod.scheduled = True
         spec["nodeName"] = "standin-node"
         status.update(conditions=[{"type": "PodScheduled", "status": "True", "lastTransitionTime": now_iso()}],
-                      hostIP="127.0.0.1", podIP="127.0.0.1", podIPs=[{"ip": "127.0.0.1"}], startTime=now_iso())
+                      hostIP=self.net.node_ip, startTime=now_iso())
+        self._event(pod, "Scheduled", f"Successfully assigned {pod.obj['metadata']['namespace']}/{pod.name} to "
+                                      f"standin-node", source="default-scheduler")
         return True
+
+    # ---- pulls ----------------------------------------------------------------------------------------
+    def _pull_auths(self, pod: dict) -> set[str]:
+        """Registry hosts the pod's imagePullSecrets hold credentials for (dockerconfigjson `auths`)."""
+        hosts: set[str] = set()
+        for ref in pod["spec"].get("imagePullSecrets") or []:
+            obj = self.cluster.store.get("secrets", pod["metadata"]["namespace"], ref.get("name"))
+            data = podspec.secret_data(obj) or {}
+            try:
+                hosts |= set(json.loads(data.get(".dockerconfigjson", "{}")).get("auths", {}))
+            except ValueError:
+                continue
+        return hosts
+
+    def _pull_failed(self, pod: Pod, container: dict, err: runtime.PullError) -> None:
+        if err.reason == "InvalidImageName":
+            self._event(pod, "InspectFailed", err.message, kind="Warning")
+            return self._waiting(pod, container, err.reason, err.message)
+        pod.pull_failures += 1
+        self._event(pod, "Failed", f"Failed to pull image \"{container['image']}\": {err.message}", kind="Warning")
+        if pod.pull_failures == 1:
+            return self._waiting(pod, container, "ErrImagePull", err.message)
+        pod.next_try = time.monotonic() + BACKOFF_SECONDS
+        self._waiting(pod, container, "ImagePullBackOff", f'Back-off pulling image "{container["image"]}"')
+
+    # ---- the container ---------------------------------------------------------------------------------
+    def _container_spec(self, pod: Pod, container: dict, local: str) -> dict:
+        """The shim's spec: rootfs, argv, env, user, working directory, mounts, as the kubelet + runc set them."""
+        ns, spec, s = pod.obj["metadata"]["namespace"], pod.obj["spec"], self.settings
+        image = runtime.image_config(local)
+        own = container_env(pod.obj, container, lambda n: self._config_map(ns, n), lambda n: self._secret(ns, n))
+        pod_dir = self.cluster.logdir / "pods" / pod.name
+        pod_dir.mkdir(parents=True, exist_ok=True)
+        mounts = podspec.volume_mounts(pod.obj, container, pod_dir, lambda n: self._config_map(ns, n),
+                                       lambda n: self._secret(ns, n))
+        hostname = (spec.get("hostname") or pod.name)[:63]
+        (pod_dir / "hosts").write_text(dns.hosts_file(pod.sandbox[1], hostname, spec.get("subdomain"), ns,
+                                                      s.cluster_domain))
+        (pod_dir / "resolv.conf").write_text(dns.resolv_conf(self.net.node_ip, ns, s.cluster_domain))
+        mounts += [(str(pod_dir / "hosts"), "/etc/hosts", True), (str(pod_dir / "resolv.conf"), "/etc/resolv.conf", True)]
+        env = {**image.env, "HOSTNAME": hostname, **own}
+        if self.cluster.api_url and self._automount(pod.obj):
+            sa = spec.get("serviceAccountName") or "default"
+            path = pod_dir / "kubeconfig"
+            path.write_text(kubeconfig(self.cluster.api_url, ns, f"system:serviceaccount:{ns}:{sa}"))
+            mounts.append((str(path), "/var/run/secrets/standin/kubeconfig", True))
+            env.setdefault("KUBECONFIG", "/var/run/secrets/standin/kubeconfig")  # stands in for the token
+        command = [podspec.expand(a, own) for a in container.get("command") or []]
+        args = [podspec.expand(a, own) for a in container.get("args") or []]
+        argv = container_argv(image, command, args)
+        pod.container, rootfs = self.containers.create(pod.key, local)
+        uid, gid = podspec.run_as(pod.obj, container, image, rootfs)
+        pod.argv, pod.env = argv, env
+        read_only = bool((container.get("securityContext") or {}).get("readOnlyRootFilesystem"))
+        return {"rootfs": rootfs, "argv": argv, "env": env, "uid": uid, "gid": gid, "hostname": hostname,
+                "workdir": container.get("workingDir") or image.workdir, "netns": pod.sandbox[0],
+                "mounts": mounts, "read_only_root": read_only}
+
+    # ---- helpers -----------------------------------------------------------------------------------------
+    def _event(self, pod: Pod, reason: str, message: str, kind: str = "Normal", source: str = "kubelet") -> None:
+        """Record an Event on the pod, once per reason (a cluster aggregates repeats into a count)."""
+        if reason in pod.events:
+            return
+        pod.events.add(reason)
+        meta = pod.obj["metadata"]
+        self.cluster.record_event(meta["namespace"], {
+            "apiVersion": "v1", "kind": "Event", "type": kind, "reason": reason, "message": message,
+            "metadata": {"name": f"{pod.name}.{len(pod.events):x}{int(time.time() * 1e6) % 16**8:08x}",
+                         "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": pod.name, "namespace": meta["namespace"],
+                               "uid": meta["uid"]},
+            "source": {"component": source}, "firstTimestamp": now_iso(), "lastTimestamp": now_iso(), "count": 1})
 
     @staticmethod
     def _waiting(pod: Pod, container: dict, reason: str, message: str) -> None:
-        waiting = {"waiting": {"reason": reason, "message": message}}
+        waiting = {"waiting": {"reason": reason, **({"message": message} if message else {})}}
         pod.obj["status"]["containerStatuses"] = [cstatus(container, waiting)]
 
-    def _container_config(self, pod: Pod, container: dict) -> tuple[list[str], dict[str, str], str]:
-        """argv, env and working directory, as the kubelet + runtime would start the container."""
-        cluster, ns, spec = self.cluster, pod.obj["metadata"]["namespace"], pod.obj["spec"]
-        image = self.image()
-        own = container_env(pod.obj, container, lambda n: self._config_map(ns, n), lambda n: self._secret(ns, n))
-        job = cluster.jobs.get(pod.job_uid)
-        if "MASTER_PORT" in own and job:
-            own["MASTER_PORT"] = str(job.port)  # pods share one IP here, so each Job gets its own port
-        paths = image_paths(image.env, image.workdir, cluster.workdir, cluster.logdir / "pods" / pod.name / "tmp")
-        env = {"HOSTNAME": (spec.get("hostname") or pod.name)[:63], **image.env, **own}
-        env = {k: paths.value(v) for k, v in env.items()}
-        for key, value in env.items():
-            match = POD_DNS.match(value)
-            if match and self._resolves(match["host"], match["sub"], match["ns"]):
-                env[key] = "127.0.0.1"
-            elif match and time.monotonic() - pod.created < cluster.dns_wait:
-                raise _WaitingForDNS(f"waiting for headless Service {match['ns']}/{match['sub']} to resolve {value}")
-        if cluster.api_url and self._automount(pod.obj):
-            sa = spec.get("serviceAccountName") or "default"
-            env.setdefault("KUBECONFIG", str(self._kubeconfig(ns, sa)))  # stands in for the ServiceAccount token
-        command = [expand(a, own) for a in container.get("command") or []]
-        args = [expand(a, own) for a in container.get("args") or []]
-        argv = images.container_argv(image, command, args)
-        exe = paths(argv[0]) if "/" in argv[0] else shutil.which(argv[0], path=env.get("PATH", ""))
-        argv[0] = exe or argv[0]  # not found: Popen raises, reported as StartError
-        return argv, env, paths(container.get("workingDir") or image.workdir)
-
-    def _resolves(self, host: str, subdomain: str, ns: str) -> bool:
-        """Cluster DNS: a headless Service named `subdomain` selecting a pod with that hostname."""
-        svc = self.cluster.store.get("services", ns, subdomain)
-        selector = (svc or {}).get("spec", {}).get("selector") or {}
-        if not svc or svc["spec"].get("clusterIP") != "None" or not selector:
-            return False
-        return any(p.scheduled and not p.finished() and p.obj["metadata"]["namespace"] == ns
-                   and p.obj["spec"].get("hostname") == host and p.obj["spec"].get("subdomain") == subdomain
-                   and all((p.obj["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items())
-                   for p in self.cluster.pods.values())
+    def resolve(self, host: str, subdomain: str, ns: str) -> str | None:
+        """Cluster DNS: the IP of the pod with that hostname behind a headless Service named `subdomain`."""
+        with self.cluster.lock:
+            svc = self.cluster.store.get("services", ns, subdomain)
+            spec = (svc or {}).get("spec") or {}
+            selector = spec.get("selector") or {}
+            if not svc or spec.get("clusterIP") != "None" or not selector:
+                return None
+            for p in self.cluster.pods.values():
+                meta, pspec = p.obj["metadata"], p.obj["spec"]
+                ready = p.obj["status"].get("phase") == "Running" or spec.get("publishNotReadyAddresses")
+                if (p.sandbox and ready and not p.finished() and meta["namespace"] == ns
+                        and pspec.get("hostname") == host and pspec.get("subdomain") == subdomain
+                        and all((meta.get("labels") or {}).get(k) == v for k, v in selector.items())):
+                    return p.sandbox[1]
+        return None
 
     def _automount(self, pod: dict) -> bool:
         spec = pod["spec"]
@@ -309,18 +284,9 @@ class Kubelet:
         setting = (sa or {}).get("automountServiceAccountToken")
         return True if setting is None else setting
 
-    def _kubeconfig(self, ns: str, service_account: str) -> Path:
-        path = self.cluster.logdir / "kubeconfig" / f"{ns}-{service_account}.yaml"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(kubeconfig(self.cluster.api_url, ns, f"system:serviceaccount:{ns}:{service_account}"))
-        return path
-
     def _secret(self, ns: str, name: str) -> dict | None:
         obj = self.cluster.store.get("secrets", ns, name)
-        if obj is None:
-            return self.cluster.secrets.get(name)
-        return {k: base64.b64decode(v).decode("utf-8", "replace") for k, v in (obj.get("data") or {}).items()}
+        return self.cluster.secrets.get(name) if obj is None else podspec.secret_data(obj)
 
     def _config_map(self, ns: str, name: str) -> dict | None:
         obj = self.cluster.store.get("configmaps", ns, name)
@@ -333,9 +299,12 @@ def cstatus(container: dict, state: dict) -> dict:
 
 
 def send_signal(pod: Pod, sig: int) -> None:
-    """Signal the pod's whole process group: Lightning's per-device children die with it."""
+    """Signal the container's shim: SIGTERM reaches the container's PID 1; SIGKILL ends the whole container."""
     if pod.proc and pod.proc.poll() is None:
         try:
-            os.killpg(pod.proc.pid, sig)
+            pod.proc.send_signal(sig)
         except ProcessLookupError:
             pass
+
+
+__all__ = ["Kubelet", "NodeSettings", "Pod", "cstatus", "send_signal", "signal"]

@@ -49,6 +49,8 @@ KINDS = [
     Kind("", "v1", "services", "Service", short=("svc",), categories=("all",)),
     Kind("", "v1", "secrets", "Secret"),
     Kind("", "v1", "configmaps", "ConfigMap", short=("cm",)),
+    # Written by the scheduler, kubelet and autoscaler of the stand-in; clients read and watch them.
+    Kind("", "v1", "events", "Event", short=("ev",), verbs=("get", "list", "watch")),
     Kind("", "v1", "serviceaccounts", "ServiceAccount", short=("sa",)),
     Kind("batch", "v1", "jobs", "Job", categories=("all",)),
     Kind("apps", "v1", "deployments", "Deployment", short=("deploy",), categories=("all",)),

@@ -53,7 +53,7 @@ class StandInServer(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.stopping = threading.Event()  # ends watches and followed logs
         self.host = f"127.0.0.1:{self.server_address[1]}"
-        cluster.api_url = f"http://{self.host}"
+        cluster.serve_api(self.server_address[1])
 
 
 def parse_route(path: str) -> tuple[Kind, str | None, str | None, str | None] | None:

@@ -2,7 +2,8 @@
 
     python -m tests.k8s_standin.shim SPEC.json
 
-SPEC: {"rootfs", "argv", "env", "uid", "gid", "workdir", "hostname", "netns", "mounts": [[src, dst, ro]]}.
+SPEC: {"rootfs", "argv", "env", "uid", "gid", "workdir", "hostname", "netns", "mounts": [[src, dst, ro]],
+"read_only_root"}.
 The shim joins the pod's network namespace, makes new mount, UTS, IPC and PID namespaces and forks
 the container's init: it mounts /proc, a fresh /dev (null, zero, full, random, urandom, tty and a
 tmpfs /dev/shm), a read-only /sys and the pod's volumes into the rootfs, chroots, drops to the
@@ -56,6 +57,7 @@ def container_init(spec: dict) -> None:
     """In the new namespaces, as the forked child: set up the rootfs, then exec (never returns)."""
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     root = spec["rootfs"]
+    mount(root, root, None, MS_BIND | MS_REC)  # the rootfs as a mount of its own: it can be made read-only
     hostname = spec["hostname"].encode()
     _check(libc.sethostname(hostname, len(hostname)), "sethostname")
     os.makedirs(f"{root}/proc", exist_ok=True)
@@ -72,6 +74,8 @@ def container_init(spec: dict) -> None:
     bind("/sys", f"{root}/sys", read_only=True)
     for src, dst, read_only in spec.get("mounts", []):
         bind(src, root + dst, read_only)
+    if spec.get("read_only_root"):  # readOnlyRootFilesystem: the volumes above stay writable
+        mount("none", root, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
     os.chroot(root)
     os.chdir("/")
     uid, gid = spec.get("uid", 0), spec.get("gid", 0)

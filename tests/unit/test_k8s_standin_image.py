@@ -1,84 +1,12 @@
-"""The stand-in's container semantics: Dockerfile final stage, the Kubernetes argv rule, and
-the environment as the kubelet builds it (no host variables)."""
+"""The stand-in's container semantics: the Kubernetes argv rule, the environment and user as the
+kubelet builds them (no host variables), and image references as a registry and the kubelet parse them."""
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.k8s_standin.image import DEFAULT_PATH, ImageConfig, container_argv, parse_dockerfile
-from tests.k8s_standin.kubelet import ConfigError, PathMap, container_env, expand, image_paths
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-MULTI_STAGE = r"""
-# syntax=docker/dockerfile:1
-ARG PYTHON=3.11
-FROM python:${PYTHON}-slim AS build
-ENV VIRTUAL_ENV=/opt/venv
-RUN python -m venv $VIRTUAL_ENV
-ENTRYPOINT ["python", "-m", "build-only"]
-COPY <<EOF /etc/motd
-ENV NOT_AN_INSTRUCTION=1
-EOF
-
-FROM python:${PYTHON}-slim
-ARG PYTHON
-# The final stage: no ENTRYPOINT, `pipeline --help` by default.
-COPY --from=build /opt/venv /opt/venv
-ENV VIRTUAL_ENV=/opt/venv \
-    # comments inside a continuation vanish
-    PATH=/opt/venv/bin:$PATH \
-    PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
-    HOME=/tmp PY_VERSION=${PYTHON}
-WORKDIR /app
-USER 10001:10001
-CMD ["pipeline", "--help"]
-"""
-
-
-def test_final_stage_of_a_multi_stage_dockerfile():
-    image = parse_dockerfile(MULTI_STAGE)
-    assert image.entrypoint == []  # the build stage's ENTRYPOINT is not inherited by a fresh FROM
-    assert image.cmd == ["pipeline", "--help"]
-    assert image.workdir == "/app"
-    assert image.env == {"PATH": f"/opt/venv/bin:{DEFAULT_PATH}", "VIRTUAL_ENV": "/opt/venv", "PYTHONUNBUFFERED": "1",
-                         "PYTHONDONTWRITEBYTECODE": "1", "HOME": "/tmp", "PY_VERSION": "3.11"}
-
-
-def test_env_forms_quotes_and_expansion():
-    image = parse_dockerfile("""FROM scratch AS base
-ENV A=1
-ENV B="two words" C='$A literal' D=${A}x E=${UNSET:-fallback} F=${A:+set}
-ENV LEGACY value with  spaces
-ENV A=2 G=$A
-WORKDIR /srv
-WORKDIR sub/../app
-FROM base
-CMD python -m pipeline
-""")
-    env = image.env
-    assert [env[k] for k in "ABCDEF"] == ["2", "two words", "$A literal", "1x", "fallback", "set"]
-    assert env["LEGACY"] == "value with  spaces"
-    assert env["G"] == "1"  # one ENV instruction expands against the values from before it
-    assert image.workdir == "/srv/app"  # inherited from the stage it builds on; relative WORKDIRs join
-    assert image.cmd == ["/bin/sh", "-c", "python -m pipeline"]  # shell form
-
-
-def test_entrypoint_resets_an_inherited_cmd_only():
-    inherited = parse_dockerfile('FROM x AS a\nCMD ["--help"]\nFROM a\nENTRYPOINT ["tool"]\n')
-    assert (inherited.entrypoint, inherited.cmd) == (["tool"], [])
-    same_stage = parse_dockerfile('FROM x\nCMD ["--help"]\nENTRYPOINT ["tool"]\n')
-    assert (same_stage.entrypoint, same_stage.cmd) == (["tool"], ["--help"])
-
-
-def test_the_checkouts_dockerfile_describes_an_image_the_stand_in_can_run():
-    image = parse_dockerfile((REPO_ROOT / "Dockerfile").read_text())
-    assert image.workdir == "/app"
-    assert image.env["PATH"].split(":")[0] == "/opt/venv/bin"
-    assert image.entrypoint + image.cmd, "the image must have a default command"
-
+from tests.k8s_standin.image import ImageConfig, container_argv
+from tests.k8s_standin.podspec import ConfigError, container_env, expand, run_as
+from tests.k8s_standin.runtime import PullError, Registry
 
 IMAGE = ImageConfig(entrypoint=["python", "-m", "pipeline"], cmd=["--help"])
 
@@ -132,15 +60,47 @@ def test_missing_references_are_config_errors(container, message):
         container_env(POD, container, {"settings": {"A": "1"}}.get, {}.get)
 
 
-def test_image_paths_map_into_this_checkout_and_a_per_pod_tmp(tmp_path):
-    paths = image_paths({"VIRTUAL_ENV": "/opt/venv"}, "/app", REPO_ROOT, tmp_path / "pod-tmp")
-    assert paths.value("/tmp") == str(tmp_path / "pod-tmp")
-    assert paths.value("/tmp/cache") == str(tmp_path / "pod-tmp" / "cache")
-    assert paths.value(f"/opt/venv/bin:{DEFAULT_PATH}").split(":")[0] == str(Path(sys.executable).parent)
-    assert paths("/app/params.yaml") == str(REPO_ROOT / "params.yaml")
-    assert paths.value("/tmpfoo") == "/tmpfoo" and paths.value("not/a/path") == "not/a/path"
-    assert PathMap({"/": "/elsewhere"})("/etc") == "/etc"  # a WORKDIR of / maps nothing
-
-
 def test_dollar_paren_expansion():
     assert expand("$(A)-$(B)-$$(A)-$(", {"A": "x"}) == "x-$(B)-$(A)-$("
+
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+@pytest.mark.parametrize("ref", [
+    f"registry.example/pipeline:{DIGEST}",  # what Prefect makes of a digest reference split as name:tag
+    "Registry.example/Pipeline:1",  # upper case in the path
+    "registry.example/pipeline:",  # empty tag
+    "registry.example/pipeline@sha256:short",
+])
+def test_invalid_references_are_invalid_image_names(ref):
+    with pytest.raises(PullError) as err:
+        Registry({"registry.example/pipeline": "localhost/pipeline:dev"}).resolve(ref, set())
+    assert err.value.reason == "InvalidImageName" and "invalid reference format" in err.value.message
+
+
+def test_unknown_repositories_and_private_registries_fail_to_pull():
+    registry = Registry({"registry.example/pipeline": "localhost/x"}, private={"registry.example"})
+    with pytest.raises(PullError, match="401 Unauthorized") as err:
+        registry.resolve("registry.example/pipeline:1", set())
+    assert err.value.reason == "ErrImagePull"
+    assert registry.resolve("registry.example/pipeline:1", {"registry.example"}) == "localhost/x"
+    with pytest.raises(PullError, match="not found"):
+        registry.resolve("ghcr.io/other/image:1", set())
+
+
+def _passwd(tmp_path):
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\napp:x:10001:10001::/tmp:/bin/false\n")
+    (tmp_path / "etc" / "group").write_text("root:x:0:\napp:x:10001:\n")
+    return str(tmp_path)
+
+
+def test_user_comes_from_the_security_context_else_the_image(tmp_path):
+    rootfs = _passwd(tmp_path)
+    pod = {"spec": {"securityContext": {"runAsUser": 2000}}}
+    assert run_as(pod, {"securityContext": {"runAsGroup": 3000}}, ImageConfig(user="app"), rootfs) == (2000, 3000)
+    assert run_as({"spec": {}}, {}, ImageConfig(user="app"), rootfs) == (10001, 10001)
+    assert run_as({"spec": {}}, {}, ImageConfig(user="10001:10001"), rootfs) == (10001, 10001)
+    with pytest.raises(ConfigError, match="runAsNonRoot and image will run as root"):
+        run_as({"spec": {"securityContext": {"runAsNonRoot": True}}}, {}, ImageConfig(), rootfs)
