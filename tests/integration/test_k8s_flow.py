@@ -1,9 +1,10 @@
 """The `train` flow with launcher=kubernetes, through the wire-level Kubernetes API stand-in.
 
-Pretrain and finetune run as 2-node x 1-device CPU DDP indexed Jobs (gloo); the pods are
-local processes that find rank 0 through MASTER_ADDR (the stand-in resolves the pod DNS name
-through the headless Service). Artifacts and the registry are on S3 (moto on 127.0.0.1); the
-pods get the S3 keys only from the Secret, as on a cluster.
+Pretrain and finetune run as 2-node x 1-device CPU DDP indexed Jobs (gloo); the pods run in the
+built image, each in its own network namespace, and find rank 0 through MASTER_ADDR (the stand-in's
+cluster DNS answers the pod's name behind the headless Service). Artifacts and the registry are on
+S3 (moto on 127.0.0.1, which pods reach at the node address); the pods get the S3 keys only from
+the Secret, as on a cluster.
 """
 from __future__ import annotations
 
@@ -24,13 +25,11 @@ def standin_cluster(k8s_standin, flow_env, s3, monkeypatch, tmp_path):  # noqa: 
     import pipeline.launch.kubernetes as kubernetes
     from kubernetes import client as k8s
 
-    from tests.s3_fixtures import AWS_ENV
-
     monkeypatch.setattr(kubernetes, "default_api_client", k8s_standin.api_client)
     monkeypatch.setenv("PIPELINE_K8S_CONFIG", json.dumps({"namespace": "ml-pipeline", "log_dir": str(tmp_path / "pod-logs"),
                                                           "poll_seconds": 0.5}))
     k8s.CoreV1Api(k8s_standin.api_client()).create_namespaced_secret("ml-pipeline", k8s.V1Secret(
-        metadata=k8s.V1ObjectMeta(name="s3-credentials"), string_data={**AWS_ENV, "AWS_ENDPOINT_URL": s3.endpoint}))
+        metadata=k8s.V1ObjectMeta(name="s3-credentials"), string_data=k8s_standin.lend_s3(s3)))
     return k8s_standin
 
 

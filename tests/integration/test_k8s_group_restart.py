@@ -26,6 +26,7 @@ from tests.k8s_standin import k8s_standin  # noqa: F401  (pytest fixture)
 from tests.k8s_standin.fixture import FAKE, FAKE_IMAGE, wait_for
 
 INDEX = "batch.kubernetes.io/job-completion-index"
+pytest_plugins = ["tests.s3_fixtures"]
 JOB = "pipeline.example/job"
 
 
@@ -164,7 +165,7 @@ def test_unschedulable_pod_fails_fast_with_the_schedulers_reason(k8s_standin, tm
     message = str(caught.value)
     assert "\n" not in message and isinstance(caught.value, KubernetesLaunchError)
     assert re.match(r"pretrain: rank [01] \(pod \S+\) still Pending after 2 s: 0/1 nodes are available: "
-                    r"needs 1 nvidia\.com/gpu", message), message
+                    r"1 Insufficient nvidia\.com/gpu", message), message
     wait_for(lambda: not k8s_standin.jobs() and not k8s_standin.pods(), "Job and pods gone")
     assert k8s_standin.processes() == []
 
@@ -188,21 +189,22 @@ CHECKPOINT_EVERY = 5
 STEP = r"\[rank 0\] \[pretrain\] step (\d+)/(\d+)"
 
 
-def _pretrain(standin, tmp_path: Path, name: str, evict_rank: int | None) -> dict:
+def _pretrain(standin, tmp_path: Path, s3, name: str, evict_rank: int | None) -> dict:
     """Prepare locally, then a 2-node pretrain through the launcher; optionally evict a rank at step >= 10."""
     from pipeline.config import load_config
     from pipeline.stages import stage_runner
     from tests.conftest import PARAMS
 
-    root = tmp_path / name
+    root = s3.uri(name)  # every pod and attempt shares S3, as on a cluster
     sets = [*LONG_TINY, f"paths.root={root}"]
+    pod_env = standin.lend_s3(s3)
     stage_runner("corpus")(load_config(PARAMS, sets))  # pretrain reads the corpus only
     cfg = KubernetesLaunchConfig(namespace="ml", image="registry.example/pipeline:test", nodes=2,
                                  poll_seconds=0.3, log_dir=str(tmp_path / f"logs-{name}"),
                                  termination_grace_seconds=20, max_restarts=2)
     launcher = KubernetesLauncher(cfg, standin.api_client())
     log = TimedLines()
-    command = StageCommand("pretrain", args=[part for s in sets for part in ("--set", s)], run_id=name)
+    command = StageCommand("pretrain", args=[part for s in sets for part in ("--set", s)], env=pod_env, run_id=name)
     thread, outcome = _start(launcher, command, log)
     measured: dict = {}
     if evict_rank is not None:
@@ -216,15 +218,15 @@ def _pretrain(standin, tmp_path: Path, name: str, evict_rank: int | None) -> dic
         measured["evicted_at"] = evicted_at
     thread.join(600)
     assert "code" in outcome, outcome
-    summary = json.loads((root / "models" / "pretrain" / "summary.json").read_text())
-    weights = load_backbone(str(root / "models" / "pretrain" / "backbone.safetensors"))
+    summary = json.loads(s3.fs.cat_file(f"{root}/models/pretrain/summary.json"))
+    weights = load_backbone(f"{root}/models/pretrain/backbone.safetensors")
     return dict(code=outcome["code"], text=log.text(), log=log, summary=summary, weights=weights["backbone"],
                 launcher=launcher, **measured)
 
 
 @pytest.mark.slow
-def test_real_two_node_pretrain_evicted_rank_restarts_the_group_from_the_checkpoint(k8s_standin, tmp_path):  # noqa: F811
-    run = _pretrain(k8s_standin, tmp_path, "evicted", evict_rank=1)
+def test_real_two_node_pretrain_evicted_rank_restarts_the_group_from_the_checkpoint(k8s_standin, tmp_path, s3):  # noqa: F811
+    run = _pretrain(k8s_standin, tmp_path, s3, "evicted", evict_rank=1)
     text, log = run["text"], run["log"]
     assert run["code"] == 0, text[-4000:]
     launcher = run["launcher"]
@@ -254,7 +256,7 @@ def test_real_two_node_pretrain_evicted_rank_restarts_the_group_from_the_checkpo
           f"-> first resumed training step {first_step[0] - run['evicted_at']:.1f} s; reached step {max(attempt1)}, "
           f"resumed at {resumed} (steps lost {lost}, checkpoint every {CHECKPOINT_EVERY}); total {total}")
 
-    reference = _pretrain(k8s_standin, tmp_path, "uninterrupted", evict_rank=None)
+    reference = _pretrain(k8s_standin, tmp_path, s3, "uninterrupted", evict_rank=None)
     assert reference["code"] == 0 and reference["launcher"].restarts == []
     assert reference["summary"]["steps"] == summary["steps"] == total
     # Two uninterrupted 2-node runs are bit-identical, and the resume is exact: the loader restarts at the

@@ -21,6 +21,7 @@ from tests.k8s_standin.fixture import wait_for as _wait_for
 from tests.k8s_standin import k8s_standin  # noqa: F401  (pytest fixture)
 
 pytestmark = pytest.mark.slow
+pytest_plugins = ["tests.s3_fixtures"]
 
 # ~58 steps: long enough to evict mid-training, checkpoints every 5 steps.
 LONG_TINY = ["pretrain.epochs=2", "pretrain.glyphs_per_class=100", "pretrain.batch_size=32",
@@ -28,9 +29,11 @@ LONG_TINY = ["pretrain.epochs=2", "pretrain.glyphs_per_class=100", "pretrain.bat
              "trainer.log_every_n_steps=1"]
 
 
-def _run_and_evict(standin, tmp_path, nodes: int, evict_index: int) -> tuple[int, str, dict, KubernetesLauncher]:
-    root = tmp_path / "artifacts"
+def _run_and_evict(standin, tmp_path, s3, nodes: int, evict_index: int) -> tuple[int, str, dict, KubernetesLauncher]:
+    # Shared storage for every pod and attempt is S3, as on a cluster: each pod's own filesystem goes with it.
+    root = s3.uri("artifacts")
     sets = [*LONG_TINY, f"paths.root={root}"]
+    pod_env = standin.lend_s3(s3)
     from pipeline.config import load_config
     from pipeline.stages import stage_runner
     from tests.conftest import PARAMS
@@ -41,7 +44,8 @@ def _run_and_evict(standin, tmp_path, nodes: int, evict_index: int) -> tuple[int
                                  max_restarts=3)
     launcher = KubernetesLauncher(cfg, standin.api_client())
     log, outcome = Lines(), {}
-    command = StageCommand("pretrain", args=[part for s in sets for part in ("--set", s)], run_id="preempt")
+    command = StageCommand("pretrain", args=[part for s in sets for part in ("--set", s)], env=pod_env,
+                           run_id="preempt")
     thread = threading.Thread(target=lambda: outcome.update(code=launcher.run(command, log)))
     thread.start()
     _wait_for(lambda: re.search(r"\[pretrain\] step (1[0-9]|[2-9][0-9])/", log.text()), "10 training steps", 180)
@@ -49,12 +53,12 @@ def _run_and_evict(standin, tmp_path, nodes: int, evict_index: int) -> tuple[int
                   if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == str(evict_index))
     standin.evict(victim["metadata"]["name"])
     thread.join(300)
-    summary = json.loads((root / "models" / "pretrain" / "summary.json").read_text())
+    summary = json.loads(s3.fs.cat_file(f"{root}/models/pretrain/summary.json"))
     return outcome.get("code"), log.text(), summary, launcher
 
 
-def test_single_node_eviction_resumes_to_the_configured_steps(k8s_standin, tmp_path):  # noqa: F811
-    code, text, summary, launcher = _run_and_evict(k8s_standin, tmp_path, nodes=1, evict_index=0)
+def test_single_node_eviction_resumes_to_the_configured_steps(k8s_standin, tmp_path, s3):  # noqa: F811
+    code, text, summary, launcher = _run_and_evict(k8s_standin, tmp_path, s3, nodes=1, evict_index=0)
     assert code == 0, text[-3000:]
     assert len(launcher.jobs) == 2 and launcher.restarts[0].startswith("rank 0 lost (DisruptionTarget")
     assert re.search(r"SIGTERM at step \d+: saved", text), "the evicted pod did not checkpoint"
@@ -64,9 +68,9 @@ def test_single_node_eviction_resumes_to_the_configured_steps(k8s_standin, tmp_p
     assert summary["steps"] == total and summary["resumed_from_step"] == int(resumed.group(1))
 
 
-def test_two_node_eviction_of_one_rank_resumes_both(k8s_standin, tmp_path):  # noqa: F811
+def test_two_node_eviction_of_one_rank_resumes_both(k8s_standin, tmp_path, s3):  # noqa: F811
     """Rank 1 is preempted; the Job fails at once, its controller stops rank 0, and a new Job runs both ranks."""
-    code, text, summary, launcher = _run_and_evict(k8s_standin, tmp_path, nodes=2, evict_index=1)
+    code, text, summary, launcher = _run_and_evict(k8s_standin, tmp_path, s3, nodes=2, evict_index=1)
     assert code == 0, text[-3000:]
     assert len(launcher.jobs) == 2 and launcher.restarts[0].startswith("rank 1 lost (DisruptionTarget")
     resumed = re.search(r"resuming from \S+ at step (\d+)", text)

@@ -157,9 +157,11 @@ class Kubelet:
         if not fits_node and fits_pool and self.scale_up_at is not None and time.monotonic() >= self.scale_up_at:
             fits_node = True  # the new node has joined
         if not fits_node:
-            message = (f"0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector or had "
-                       f"insufficient nvidia.com/gpu (needs {gpus}, node labels {selector}). preemption: 0/1 nodes "
-                       f"are available: 1 Preemption is not helpful for scheduling.")
+            # The default scheduler's wording (one node here).
+            why = "1 node(s) didn't match Pod's node affinity/selector" if any(
+                s.labels.get(k) != v for k, v in selector.items()) else "1 Insufficient nvidia.com/gpu"
+            message = (f"0/1 nodes are available: {why}. preemption: 0/1 nodes are available: "
+                       f"1 Preemption is not helpful for scheduling.")
             status["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
                                      "message": message, "lastTransitionTime": now_iso()}]
             self._event(pod, "FailedScheduling", message, kind="Warning", source="default-scheduler")
@@ -169,9 +171,8 @@ class Kubelet:
                 self._event(pod, "TriggeredScaleUp", "pod triggered scale-up: [{gpu-pool 0->1 (max: 1)}]",
                             source="cluster-autoscaler")
             elif s.provision_seconds > 0:
-                self._event(pod, "NotTriggerScaleUp", f"pod didn't trigger scale-up: 1 node(s) didn't match Pod's "
-                            f"node affinity/selector or had insufficient nvidia.com/gpu", kind="Warning",
-                            source="cluster-autoscaler")
+                self._event(pod, "NotTriggerScaleUp", f"pod didn't trigger scale-up: 1 {why.split(' ', 1)[1]}",
+                            kind="Warning", source="cluster-autoscaler")
             return False
         pod.scheduled = True
         spec["nodeName"] = "standin-node"

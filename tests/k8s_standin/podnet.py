@@ -71,6 +71,7 @@ class PodNetwork:
         self._free = list(range(2, 255))
         self._pods: dict[str, tuple[str, str]] = {}  # key -> (netns, ip)
         self._closers: list[Callable[[], None]] = []
+        self._exposed: set[int] = set()
         self._stop = threading.Event()
         self.lock = threading.Lock()
         _ip("netns", "add", self.node_ns)
@@ -118,6 +119,9 @@ class PodNetwork:
         """Relay node_ip:node_port (inside the pod network) to the host's 127.0.0.1:port; returns
         "node_ip:node_port"."""
         node_port = node_port or port
+        if node_port in self._exposed:
+            return f"{self.node_ip}:{node_port}"
+        self._exposed.add(node_port)
         listener = socket_in(self.node_ns, socket.SOCK_STREAM, (self.node_ip, node_port))
         listener.listen(64)
         listener.settimeout(0.5)
