@@ -31,7 +31,7 @@ else
 	$(BIN)/pipeline run $(ARGS)
 endif
 
-test: setup  ## the whole test suite (installs Debian's chromium for the browser test when root)
+test: setup image  ## the whole test suite (builds the image its Kubernetes pods run; installs Debian's chromium when root)
 	bash scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

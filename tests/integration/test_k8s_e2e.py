@@ -6,12 +6,13 @@ What a team does on a real cluster, step for step (docs/kubernetes.md, "First ru
 on a real Prefect server), a run requested as the UI's Run button does, and the real
 prefect-kubernetes worker (`prefect worker start --type kubernetes`) submitting the flow-run Job.
 
-Kubernetes itself is the wire-level stand-in (tests/k8s_standin): the flow-run pod is a local
-process started with the image's semantics (the Dockerfile's CMD replaced by the worker's
-`args`, env only from the manifest, its ConfigMap and Secret references and the downward API).
-Inside it, `prefect flow-run execute` runs the `train` flow, which launches the four stage Jobs
-through the API; their pods read and write artifacts, registry and DVC remote on a real S3
-endpoint (moto on 127.0.0.1). Then `retrain` with unchanged data must launch no stage Job.
+Kubernetes itself is the wire-level stand-in (tests/k8s_standin): every pod runs in the image built
+from our Dockerfile (`make image`), in its own network namespace, with the image's CMD replaced by
+the worker's `args` and env only from the manifest, its ConfigMap and Secret references and the
+downward API. Inside the flow-run pod, `prefect flow-run execute` (the image's Prefect, Python 3.12)
+runs the `train` flow, which launches the five stage Jobs through the API; their pods read and write
+artifacts, registry and DVC remote with the image's s3fs/botocore on a real S3 endpoint (moto on the
+host's 127.0.0.1, reached at the node address). Then `retrain` with unchanged data launches no stage Job.
 """
 from __future__ import annotations
 
@@ -66,6 +67,22 @@ def _run_flow(env: dict, api: str, deployment: str, tmp_path, timeout_s: float =
     raise AssertionError(f"{deployment} did not finish in {timeout_s:.0f} s; worker log:\n{log.read_text()[-3000:]}")
 
 
+def _pods_reach_the_server_at(api: str, pod_api: str) -> None:
+    """The worker passes its own PREFECT_API_URL to flow-run pods unless the pool's `env` says otherwise.
+    In a cluster the worker runs in-cluster and its URL works in pods; here it runs on the host's loopback,
+    so the pool's default env names the server as pods reach it, as an admin would for an external worker."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolUpdate
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        pool = client.read_work_pool("training")
+        template = pool.base_job_template
+        env = template["variables"]["properties"]["env"]
+        env["default"] = {**(env.get("default") or {}), "PREFECT_API_URL": pod_api}
+        client.update_work_pool("training", WorkPoolUpdate(base_job_template=template))
+
+
 def _granted(standin, role: str) -> set[tuple[str, str]]:
     """(verb, resource) pairs the Role that `kubectl apply` stored grants."""
     (obj,) = [r for r in standin.objects("roles", NAMESPACE) if r["metadata"]["name"] == role]
@@ -82,7 +99,7 @@ def test_ui_run_through_the_real_worker_trains_promotes_on_s3_and_retrain_launch
     kubeconfig = k8s_standin.write_kubeconfig(tmp_path / "kubeconfig")
     # 1. What an admin applies: namespace, both ServiceAccounts and Roles, worker, ConfigMaps.
     _kubectl(kubeconfig, "apply", "-k", str(REPO_ROOT / "k8s" / "overlays" / "dev"))
-    credentials = {**AWS_ENV, "AWS_ENDPOINT_URL": s3.endpoint}
+    credentials = k8s_standin.lend_s3(s3)  # the keys, and moto as pods reach it (the node address)
     k8s.CoreV1Api(k8s_standin.api_client()).create_namespaced_secret(NAMESPACE, k8s.V1Secret(
         metadata=k8s.V1ObjectMeta(name="s3-credentials"), string_data=credentials))
 
@@ -107,6 +124,7 @@ def test_ui_run_through_the_real_worker_trains_promotes_on_s3_and_retrain_launch
                for arg in ("--set", item)]],
             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180)
         assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+        _pods_reach_the_server_at(api, k8s_standin.node_url(port) + "/api")
 
         # 3. The train run: flow-run Job from the template, four stage Jobs owned by it.
         run_id, state = _run_flow(env, api, "train/train", tmp_path)

@@ -41,6 +41,28 @@ def mount(src: str, dst: str, fstype: str | None, flags: int, data: str | None =
                       data.encode() if data else None), f"mount {src} on {dst}")
 
 
+def inside(root: str, path: str) -> str:
+    """`path` as seen from inside `root`, every symlink resolved within it (runc's securejoin): an image's
+    /var/run -> /run must not lead a mount out to the host's /run."""
+    parts, resolved, hops = [p for p in path.split("/") if p], "", 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            resolved = resolved.rsplit("/", 1)[0]
+            continue
+        candidate = f"{resolved}/{part}"
+        if os.path.islink(root + candidate):
+            hops += 1
+            if hops > 40:
+                raise OSError(f"too many levels of symbolic links in {path}")
+            target = os.readlink(root + candidate)
+            parts = [p for p in target.split("/") if p] + parts
+            resolved = "" if target.startswith("/") else resolved
+            continue
+        resolved = candidate
+    return root + resolved
+
+
 def bind(src: str, dst: str, read_only: bool) -> None:
     if os.path.isdir(src):
         os.makedirs(dst, exist_ok=True)
@@ -73,7 +95,7 @@ def container_init(spec: dict) -> None:
         os.symlink(target, f"{root}/dev/{name}")
     bind("/sys", f"{root}/sys", read_only=True)
     for src, dst, read_only in spec.get("mounts", []):
-        bind(src, root + dst, read_only)
+        bind(src, inside(root, dst), read_only)
     if spec.get("read_only_root"):  # readOnlyRootFilesystem: the volumes above stay writable
         mount("none", root, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
     os.chroot(root)

@@ -23,10 +23,33 @@ def _final_stage() -> list[tuple[str, str]]:
     return steps[last_from:]
 
 
+PINNED = re.compile(r"[^\s@]+@sha256:[0-9a-f]{64}")
+
+
 def test_every_base_is_pinned_by_digest():
-    bases = [args.split()[0] for kw, args in _instructions() if kw == "FROM"]
-    assert len(bases) >= 2  # builder + slim final stage
-    assert all(re.search(r"@sha256:[0-9a-f]{64}$", base) for base in bases), bases
+    # A FROM names its base either pinned itself or as ${ARG} whose default, declared before the first
+    # FROM (the only ARGs a FROM can see), is pinned: the build argument lets a machine without a
+    # registry name a local substitute (scripts/image-base.sh), while every other build takes the digest.
+    steps = _instructions()
+    first_from = next(i for i, (kw, _) in enumerate(steps) if kw == "FROM")
+    defaults = {name: value.strip("\"'") for kw, args in steps[:first_from] if kw == "ARG"
+                for name, _, value in [args.partition("=")]}
+    froms = [[w for w in args.split() if not w.startswith("--")] for kw, args in steps if kw == "FROM"]
+    assert len(froms) >= 2  # builder + slim final stage
+    stages: set[str] = set()
+    resolved = []
+    for base, *alias in froms:
+        if base in stages:
+            continue  # FROM an earlier stage: its base was checked there
+        stages.update(alias[1:])  # `AS name`
+        arg = re.fullmatch(r"\$\{?(\w+)\}?", base)
+        if arg:
+            assert arg[1] in defaults, f"FROM {base}: no ARG {arg[1]} before the first FROM"
+            base = defaults[arg[1]]
+        assert PINNED.fullmatch(base), f"FROM {base}: not pinned by digest"
+        resolved.append(base)
+    # The venv built in the builder stage links to the base's python: both stages must share one base.
+    assert len(set(resolved)) == 1, resolved
 
 
 def test_final_stage_has_no_entrypoint_and_an_exec_form_cmd():
