@@ -4,10 +4,16 @@ Each test drives kubectl 1.32 through a kubeconfig for the stand-in and asserts 
 code and output, so discovery, server-side printing, field validation, logs, watches (the
 `--wait` of delete, `kubectl wait`) and garbage collection are all exercised the way an
 operator would meet them (docs/kubernetes.md).
+
+Pods run in the image `make image` built (served as registry.example/pipeline), each in its own
+network namespace with its own IP: they see the image's environment and filesystem, never the
+host's, and reach each other by name only through the stand-in's cluster DNS, which answers for
+`<hostname>.<subdomain>.<ns>.svc.cluster.local` once a headless Service selects that pod.
 """
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import os
 import shutil
@@ -16,6 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import uuid
 import urllib.request
 from pathlib import Path
 
@@ -25,9 +32,9 @@ from kubernetes import client as k8s
 
 from pipeline.launch.k8s_manifests import KubernetesLaunchConfig, render_job, render_service
 from tests.k8s_standin.fixture import wait_for as _wait_for
-from tests.k8s_standin import StandIn, k8s_standin  # noqa: F401  (pytest fixture)
-from tests.k8s_standin import protobuf, resources
-from tests.k8s_standin.fixture import FAKE, FAKE_IMAGE, REPO_ROOT
+from tests.k8s_standin import k8s_standin  # noqa: F401  (pytest fixture)
+from tests.k8s_standin import protobuf, resources, runtime
+from tests.k8s_standin.fixture import FAKE, FAKE_IMAGE, REPO_ROOT, require_image
 
 KUBECTL = shutil.which("kubectl")
 NS = "ml-pipeline"
@@ -56,11 +63,41 @@ def _plain_job(name: str, command: list[str], env: dict | None = None, **spec) -
                      "template": {"spec": {"restartPolicy": "Never", "containers": [container]}}}}
 
 
-def _stage_job(name: str, mode: str, nodes: int = 2) -> tuple[dict, dict]:
-    cfg = KubernetesLaunchConfig(namespace=NS, image=FAKE_IMAGE, command=FAKE, nodes=nodes,
+def _stage_job(name: str, mode: str, nodes: int = 2, command: list[str] = FAKE) -> tuple[dict, dict]:
+    cfg = KubernetesLaunchConfig(namespace=NS, image=FAKE_IMAGE, command=command, nodes=nodes,
                                  termination_grace_seconds=3)
     job = render_job(cfg, name, "pretrain", [], "run-1", {"FAKE_MODE": mode})
     return job, render_service(cfg, name, "pretrain", "run-1")
+
+
+# A rank's first step, as DDP's: resolve MASTER_ADDR (retrying while the cluster DNS answers NXDOMAIN,
+# as a rank started before its Service must); then the fake stage, with the same argv.
+RESOLVE_THEN_FAKE = ["python", "-c", (
+    "import os, runpy, socket, sys, time\n"
+    "for _ in range(150):\n"
+    "    try:\n"
+    "        print('master_ip=' + socket.gethostbyname(os.environ['MASTER_ADDR']), flush=True)\n"
+    "        break\n"
+    "    except OSError:\n"
+    "        time.sleep(0.1)\n"
+    "else:\n"
+    "    print('master_ip=unresolved', flush=True)\n"
+    "sys.argv[0] = '/opt/fakes/fake_stage.py'\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n")]
+
+# What MASTER_ADDR resolves to, printed at each change: `unresolved` (NXDOMAIN) or an address.
+WATCH_MASTER = ["python", "-c", (
+    "import os, socket, time\n"
+    "last = None\n"
+    "while True:\n"
+    "    try:\n"
+    "        now = socket.gethostbyname(os.environ['MASTER_ADDR'])\n"
+    "    except OSError:\n"
+    "        now = 'unresolved'\n"
+    "    if now != last:\n"
+    "        print('master_ip=' + now, flush=True)\n"
+    "        last = now\n"
+    "    time.sleep(0.1)\n")]
 
 
 def _owned_by(obj: dict, owner) -> dict:
@@ -94,21 +131,29 @@ def test_apply_dev_overlay_twice(kubectl):
 
 def test_job_pods_logs_and_delete(k8s_standin, kubectl):  # noqa: F811
     api = k8s_standin.api_client()
-    job, svc = _stage_job("demo", "sleep:600")
+    job, svc = _stage_job("demo", "sleep:600", command=RESOLVE_THEN_FAKE)
     created = k8s.BatchV1Api(api).create_namespaced_job(NS, job)
     k8s.CoreV1Api(api).create_namespaced_service(NS, _owned_by(svc, created))
-    pods = sorted(p["metadata"]["name"] for p in _running(k8s_standin, "demo", 2))
+    running = sorted(_running(k8s_standin, "demo", 2), key=lambda p: p["metadata"]["name"])
+    pods = [p["metadata"]["name"] for p in running]
+    ips = [p["status"]["podIP"] for p in running]
+    assert ips[0] != ips[1] and "127.0.0.1" not in ips  # each pod has its own address
 
     got = kubectl("get", "jobs,pods", "-n", NS)
     assert got.returncode == 0, got.stderr
     assert "job.batch/demo" in got.stdout and "0/2" in got.stdout
     for pod in pods:
         assert any(line.startswith(f"pod/{pod}") and "Running" in line for line in got.stdout.splitlines())
-    logs = _wait_for(lambda: (lambda r: r if r.returncode or "argv=" in r.stdout else None)(
-        kubectl("logs", pods[0], "-n", NS)), "the pod's first line")
-    assert logs.returncode == 0, logs.stderr
-    assert "argv=['pretrain'" in logs.stdout and "'NODE_RANK': '0'" in logs.stdout
-    assert "'MASTER_ADDR': '127.0.0.1'" in logs.stdout  # demo-0.demo.ml-pipeline.svc... resolved via the Service
+    logs = [_wait_for(lambda: (lambda r: r if r.returncode or "argv=" in r.stdout else None)(
+        kubectl("logs", pod, "-n", NS)), f"{pod}'s argv line") for pod in pods]
+    for rank, log in enumerate(logs):
+        assert log.returncode == 0, log.stderr
+        assert "argv=['pretrain'" in log.stdout and f"'NODE_RANK': '{rank}'" in log.stdout
+        # The name itself, not an address rewritten for the pod: each rank resolves it.
+        assert "'MASTER_ADDR': 'demo-0.demo.ml-pipeline.svc.cluster.local', 'MASTER_PORT': '29500'" in log.stdout
+    # Rank 0 finds its own name in its /etc/hosts; rank 1 asks the cluster DNS, which answers with
+    # rank 0's pod IP because the headless Service `demo` selects that pod.
+    assert [log.stdout.splitlines()[0] for log in logs] == [f"master_ip={ips[0]}"] * 2
 
     deleted = kubectl("delete", "job", "demo", "-n", NS)
     assert deleted.returncode == 0 and 'job.batch "demo" deleted' in deleted.stdout
@@ -181,33 +226,54 @@ def test_orphan_cascade_leaves_dependents(k8s_standin, kubectl):  # noqa: F811
     assert got.stdout.split() == ["job.batch/kept"]
 
 
+# What a pod sees, as JSON: its environment, where it runs and as whom, whether the host's checkout or
+# another pod's /tmp shows through, and the Jobs it lists with the kubeconfig standing in for its
+# ServiceAccount token (the image's kubernetes client, as the flow-run pod uses it).
+DUMP = ["python", "-c", (
+    "import json, os\n"
+    "seen = os.path.exists('/tmp/seen')\n"
+    "open('/tmp/seen', 'w').close()\n"
+    "jobs = None\n"
+    "if 'KUBECONFIG' in os.environ:\n"
+    "    from kubernetes import client, config\n"
+    "    config.load_kube_config()\n"
+    f"    jobs = sorted(j.metadata.name for j in client.BatchV1Api().list_namespaced_job('{NS}').items)\n"
+    "print(json.dumps({'env': dict(os.environ), 'cwd': os.getcwd(), 'uid': os.getuid(), 'seen': seen,\n"
+    f"                  'host_checkout': os.path.exists('{REPO_ROOT / 'pyproject.toml'}'), 'jobs': jobs}}))\n")]
+
+
 def test_pods_see_only_their_manifests_env(k8s_standin, kubectl, monkeypatch):  # noqa: F811
-    monkeypatch.setenv("HOST_ONLY_VARIABLE", "must-not-leak")
+    monkeypatch.setenv("HOST_ONLY_VARIABLE", "must-not-leak")  # in the stand-in's own process too
     assert kubectl("create", "configmap", "settings", "-n", NS, "--from-literal=LEVEL=debug").returncode == 0
     assert kubectl("create", "secret", "generic", "creds", "-n", NS, "--from-literal=TOKEN=s3cr3t").returncode == 0
-    dump = ["python", "-c", "import json, os; print(json.dumps(dict(os.environ)))"]
-    job = _plain_job("env", dump, {"GREETING": "hi $(LEVEL)"}, completions=1, completionMode="Indexed")
+    job = _plain_job("env", DUMP, {"GREETING": "hi $(LEVEL)"}, completions=1, completionMode="Indexed")
     container = job["spec"]["template"]["spec"]["containers"][0]
     container["envFrom"] = [{"configMapRef": {"name": "settings"}}, {"secretRef": {"name": "creds"}, "prefix": "S_"}]
-    no_token = _plain_job("no-token", dump)
+    no_token = _plain_job("no-token", DUMP)
     no_token["spec"]["template"]["spec"]["automountServiceAccountToken"] = False
     batch = k8s.BatchV1Api(k8s_standin.api_client())
-    for manifest in (job, no_token):
+    for manifest in (no_token, job):  # both exist by the time the env pod lists Jobs
         batch.create_namespaced_job(NS, manifest)
     _wait_for(lambda: all(j.get("status", {}).get("succeeded") for j in k8s_standin.jobs()), "both Jobs to complete")
 
-    env = json.loads(kubectl("logs", "job/env", "-n", NS).stdout)
+    seen = json.loads(kubectl("logs", "job/env", "-n", NS).stdout)
+    env, image_env = seen["env"], runtime.image_config(require_image()).env
+    # Exactly the image's ENV, the manifest's env/envFrom and what the kubelet adds: nothing of the host.
+    assert set(env) == set(image_env) | {"LEVEL", "S_TOKEN", "GREETING", "HOSTNAME", "JOB_COMPLETION_INDEX",
+                                         "KUBECONFIG"}
     assert "HOST_ONLY_VARIABLE" not in env and not any(k.startswith(("PYTEST_", "KUBERNETES_")) for k in env)
     assert (env["LEVEL"], env["S_TOKEN"], env["GREETING"]) == ("debug", "s3cr3t", "hi debug")
     assert (env["HOSTNAME"], env["JOB_COMPLETION_INDEX"]) == ("env-0", "0")
-    assert env["PATH"].split(":")[0] == str(Path(sys.executable).parent)  # the image's /opt/venv/bin
-    assert env["HOME"].endswith("/tmp") and "/pods/env-0-" in env["HOME"]  # HOME=/tmp: a per-pod folder
-    assert kubectl("--kubeconfig", env["KUBECONFIG"], "get", "jobs", "-o", "name").stdout.split() == [
-        "job.batch/env", "job.batch/no-token"]  # the pod's stand-in for a ServiceAccount token works
+    assert env["PATH"] == image_env["PATH"] and env["PATH"].split(":")[0] == "/opt/venv/bin"  # the image's venv
+    assert str(Path(sys.executable).parent) not in env["PATH"].split(":")  # not the host's
+    assert (env["VIRTUAL_ENV"], env["HOME"]) == ("/opt/venv", "/tmp")
+    assert (seen["cwd"], seen["uid"], seen["host_checkout"]) == ("/app", 10001, False)  # WORKDIR, USER; no host files
+    assert seen["jobs"] == ["env", "no-token"]  # the pod's stand-in for a ServiceAccount token works
+    assert ("list", "jobs", NS, None, f"system:serviceaccount:{NS}:default") in k8s_standin.requests("list", "jobs")
     other = json.loads(kubectl("logs", "job/no-token", "-n", NS).stdout)
-    assert "KUBECONFIG" not in other and "JOB_COMPLETION_INDEX" not in other
-    assert other["HOSTNAME"].startswith("no-token-")  # a NonIndexed pod's hostname is its name
-    assert other["HOME"] != env["HOME"]
+    assert "KUBECONFIG" not in other["env"] and "JOB_COMPLETION_INDEX" not in other["env"] and other["jobs"] is None
+    assert other["env"]["HOSTNAME"].startswith("no-token-")  # a NonIndexed pod's hostname is its name
+    assert seen["seen"] is other["seen"] is False  # each pod's /tmp is its own: neither saw the other's file
 
 
 def test_missing_secret_blocks_the_container_until_it_exists(k8s_standin, kubectl):  # noqa: F811
@@ -221,22 +287,25 @@ def test_missing_secret_blocks_the_container_until_it_exists(k8s_standin, kubect
     assert kubectl("logs", "job/needs-secret", "-n", NS).stdout.strip() == "token=t"
 
 
-def test_master_addr_resolves_only_through_a_matching_headless_service(tmp_path):
-    standin = StandIn(REPO_ROOT, tmp_path / "logs", secrets={"s3-credentials": {}}, dns_wait=1.0)
-    try:
-        api = standin.api_client()
-        job, svc = _stage_job("rdv", "ok", nodes=1)
-        k8s.BatchV1Api(api).create_namespaced_job(NS, job)
-        time.sleep(0.5)
-        (pod,) = standin.pods()
-        assert pod["status"]["containerStatuses"][0]["state"]["waiting"]["reason"] == "ContainerCreating"
-        svc["spec"]["selector"] = {"app": "someone-else"}  # exists, but selects no pod of the Job
-        k8s.CoreV1Api(api).create_namespaced_service(NS, svc)
-        _wait_for(lambda: all(p["status"]["phase"] == "Succeeded" for p in standin.pods()), "the pod to run")
-        log = (tmp_path / "logs" / f"{pod['metadata']['name']}.log").read_text()
-        assert "'MASTER_ADDR': 'rdv-0.rdv.ml-pipeline.svc.cluster.local'" in log  # left for DNS to fail on
-    finally:
-        standin.close()
+def test_master_addr_resolves_only_through_a_matching_headless_service(k8s_standin, kubectl):  # noqa: F811
+    job, svc = _stage_job("rdv", "sleep:600", command=WATCH_MASTER)
+    wrong = copy.deepcopy(svc)
+    wrong["spec"]["selector"] = {"app": "someone-else"}  # the Service exists, but selects no pod of the Job
+    k8s.CoreV1Api(k8s_standin.api_client()).create_namespaced_service(NS, wrong)
+    k8s.BatchV1Api(k8s_standin.api_client()).create_namespaced_job(NS, job)
+    rank0, rank1 = sorted(_running(k8s_standin, "rdv", 2), key=lambda p: p["metadata"]["name"])
+    # Rank 1 asks the cluster DNS (rank 0 would find its own name in its /etc/hosts).
+    log = lambda: kubectl("logs", rank1["metadata"]["name"], "-n", NS).stdout  # noqa: E731
+    _wait_for(lambda: "master_ip=" in log(), "rank 1's first lookup")
+    time.sleep(1.5)  # ~15 more lookups, all against the Service that selects no pod
+    assert log().splitlines() == ["master_ip=unresolved"]
+
+    selector = json.dumps({"spec": {"selector": {"app": None, **svc["spec"]["selector"]}}})
+    patched = kubectl("patch", "service", "rdv", "-n", NS, "--type=merge", "-p", selector)
+    assert patched.returncode == 0, patched.stderr
+    _wait_for(lambda: len(log().splitlines()) > 1, "rank 1 to resolve MASTER_ADDR")
+    assert log().splitlines() == ["master_ip=unresolved", f"master_ip={rank0['status']['podIP']}"]
+    assert rank0["status"]["podIP"] != rank1["status"]["podIP"]
 
 
 def test_bad_bodies_get_a_status_not_a_dropped_connection(kubectl, tmp_path):
@@ -258,23 +327,35 @@ def test_bad_bodies_get_a_status_not_a_dropped_connection(kubectl, tmp_path):
     assert 'Warning: unknown field "spec.template.spec.containers[0].gpus"' in warn.stderr
 
 
+def _host_pids_with(token: str) -> list[int]:
+    """Host PIDs whose command line holds `token`: the host's /proc sees pods' processes too."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and token.encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue  # gone meanwhile
+    return pids
+
+
 def test_standalone_server_serves_until_sigterm(tmp_path):
-    config, pid_file = tmp_path / "kubeconfig", tmp_path / "pod.pid"
+    config, token = tmp_path / "kubeconfig", f"standin-sleeper-{uuid.uuid4().hex}"
     server = subprocess.Popen([sys.executable, "-m", "tests.k8s_standin", "--kubeconfig", str(config),
                                "--logdir", str(tmp_path / "logs")], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
     try:
         url = server.stdout.readline().strip()
         assert url.startswith("http://127.0.0.1:") and config.exists()
         kubectl = _kubectl_runner(config, tmp_path / "home")
-        # `$$` is Kubernetes' escape for `$`: the shell sees `echo $$`.
-        job = _plain_job("sleeper", ["sh", "-c", f"echo $$$$ > {pid_file}; exec sleep 600"])
+        # The token only marks the pod's process, so the host can find it (the pod's files are not the host's).
+        job = _plain_job("sleeper", ["python", "-c", "import time; time.sleep(600)", token])
         (tmp_path / "job.json").write_text(json.dumps(job))
         assert kubectl("create", "-f", str(tmp_path / "job.json")).returncode == 0
-        _wait_for(lambda: "Running" in kubectl("get", "pods", "-n", NS).stdout and pid_file.exists(), "the pod to run")
+        _wait_for(lambda: "Running" in kubectl("get", "pods", "-n", NS).stdout and _host_pids_with(token),
+                  "the pod to run")
         server.send_signal(signal.SIGTERM)
         assert server.wait(30) == 0
-        with pytest.raises(ProcessLookupError):
-            os.kill(int(pid_file.read_text()), 0)  # the pod's process went with the server
+        assert _host_pids_with(token) == []  # the pod's process went with the server
     finally:
         if server.poll() is None:
             server.kill()

@@ -13,20 +13,28 @@ import tempfile
 import threading
 from pathlib import Path
 
+import pytest
+
 from tests.k8s_standin.fixture import StandIn, node_settings
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.k8s_standin", description=__doc__.splitlines()[0])
     parser.add_argument("--kubeconfig", required=True, type=Path, help="where to write the kubeconfig")
-    parser.add_argument("--logdir", type=Path, help="pod logs and per-pod /tmp (default: a temporary folder)")
+    parser.add_argument("--logdir", type=Path, help="pod logs and each pod's files: container spec, /etc/hosts, "
+                        "resolv.conf, volumes (default: a temporary folder)")
     parser.add_argument("--gpus", type=int, default=0, help="nvidia.com/gpu the one node offers")
     args = parser.parse_args(argv)
+    try:
+        node = node_settings(gpus=args.gpus)  # checks the image is built; builds the fakes image on it
+    except pytest.fail.Exception as err:  # the fixture's way of saying so, meant for a test report
+        print(f"python -m tests.k8s_standin: {err.msg}", file=sys.stderr)
+        return 1
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     with tempfile.TemporaryDirectory(prefix="k8s-standin-") as scratch:
-        standin = StandIn(args.logdir or Path(scratch), node=node_settings(gpus=args.gpus))
+        standin = StandIn(args.logdir or Path(scratch), node=node)
         try:
             standin.write_kubeconfig(args.kubeconfig)
             print(standin.host, flush=True)

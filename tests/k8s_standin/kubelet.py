@@ -33,6 +33,9 @@ class NodeSettings:
     images: dict[str, str] = field(default_factory=dict)  # registry: reference -> local image
     private_registries: set[str] = field(default_factory=set)  # hosts that need an imagePullSecret
     pull_seconds: float = 0.0  # first pull of an image on a node (a 6-7 GiB CUDA image: minutes)
+    # True: every pod lands on a node without the image (a multi-node cluster after a node is lost):
+    # each pod pays pull_seconds. False: one node, each image pulled once.
+    pull_per_pod: bool = False
     gpus: int = 0
     labels: dict[str, str] = field(default_factory=dict)
     # An autoscaled node pool: a pod that fits it but no existing node gets a node after provision_seconds.
@@ -100,7 +103,7 @@ class Kubelet:
             local = self.registry.resolve(container["image"], self._pull_auths(pod.obj))
         except runtime.PullError as err:
             return self._pull_failed(pod, container, err)
-        if not self.pulls.ready(local, container.get("imagePullPolicy", "IfNotPresent")):
+        if not self.pulls.ready(pod.key if self.settings.pull_per_pod else local):
             self._event(pod, "Pulling", f'Pulling image "{container["image"]}"')
             return self._waiting(pod, container, "ContainerCreating", "")
         self._event(pod, "Pulled", f'Successfully pulled image "{container["image"]}"')

@@ -99,14 +99,14 @@ class Pulls:
         self.lock = threading.Lock()
         self._ready: dict[str, float] = {}  # local image -> when its pull completes
 
-    def ready(self, local: str, policy: str) -> bool:
-        """Start a pull if none is under way; True once the image is on the node. `Always` re-checks the
-        registry, which for an image already on the node costs only the manifest round trip."""
+    def ready(self, key: str) -> bool:
+        """Start a pull for `key` (an image, or a pod on a node of its own) if none is under way; True once
+        it is done. imagePullPolicy Always on an image already present costs only a manifest check."""
         with self.lock:
             now = time.monotonic()
-            if local not in self._ready:
-                self._ready[local] = now + self.seconds
-            return now >= self._ready[local]
+            if key not in self._ready:
+                self._ready[key] = now + self.seconds
+            return now >= self._ready[key]
 
 
 class Containers:
