@@ -51,6 +51,7 @@ from pipeline.data.shards import SplitShards
 from pipeline.data.stream import InMemorySplit, ShardStream
 from pipeline.data.tasks import TaskArrays
 from pipeline.errors import EXIT_SIGTERM
+from pipeline.stop_together import StopTogether
 from pipeline.preflight import check_distributed
 
 RESUME_NAME = "last"
@@ -590,6 +591,7 @@ def fit(
     callbacks: list[Callback] = [
         TrainCurves(curves, total_steps, trainer_cfg.log_every_n_steps),  # before ResumeCheckpoint: a checkpoint
         ResumeCheckpoint(resume, stage.checkpoint_every_n_steps),  # at step N then carries the curves' point N
+        StopTogether(),  # a SIGTERM on any rank stops all ranks at one step, where ResumeCheckpoint saves
         ProgressLines(label, total_steps, trainer_cfg.log_every_n_steps, resumed_from),
         step_times,
     ]
