@@ -55,12 +55,15 @@ def kubectl(k8s_standin, tmp_path):  # noqa: F811
     return _kubectl_runner(k8s_standin.write_kubeconfig(tmp_path / "kubeconfig"), tmp_path / "home")
 
 
-def _plain_job(name: str, command: list[str], env: dict | None = None, **spec) -> dict:
+def _plain_job(name: str, command: list[str], env: dict | None = None, grace: int = 2, **spec) -> dict:
+    # grace: `sh -c "sleep 600"` as a container's PID 1 has no SIGTERM handler, so the kernel drops the
+    # kubelet's SIGTERM and deletion waits out the whole grace period (30 s by default), as on a cluster.
     container = {"name": "main", "image": "registry.example/pipeline:test", "command": command,
                  "env": [{"name": k, "value": v} for k, v in (env or {}).items()]}
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "namespace": NS},
             "spec": {"backoffLimit": 0, **spec,
-                     "template": {"spec": {"restartPolicy": "Never", "containers": [container]}}}}
+                     "template": {"spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": grace,
+                                           "containers": [container]}}}}
 
 
 def _stage_job(name: str, mode: str, nodes: int = 2, command: list[str] = FAKE) -> tuple[dict, dict]:
@@ -106,6 +109,39 @@ def _owned_by(obj: dict, owner) -> dict:
     return obj
 
 
+def _pod_netns(standin) -> set[int]:
+    """The pods' network namespaces (nsfs inodes) while their sandboxes exist: every process of a
+    container is in one, whatever started it, so they find processes a pod leaves behind."""
+    with standin.cluster.lock:
+        return {os.stat(f"/run/netns/{pod.sandbox[0]}").st_ino for pod in standin.cluster.pods.values()
+                if pod.sandbox}
+
+
+def _pids_in(netns: set[int]) -> list[int]:
+    """Host PIDs of the live processes in these network namespaces."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and os.stat(proc / "ns" / "net").st_ino in netns:
+                pids.append(int(proc.name))
+        except OSError:
+            continue  # gone meanwhile (or a zombie: nothing left of it but its exit status)
+    return pids
+
+
+def _no_pod_process_left(standin, netns: set[int]) -> None:
+    assert all(p.poll() is not None for p in standin.processes())  # the shims
+    # ...and the containers: a shim's SIGKILL ends its container asynchronously, so allow a moment.
+    try:
+        _wait_for(lambda: not _pids_in(netns), "no process left in the pods' network namespaces", timeout=5)
+    finally:
+        for pid in _pids_in(netns):  # a failure's leftovers: not for the rest of the session to inherit
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def _running(standin, job: str, count: int) -> list[dict]:
     return _wait_for(lambda: (lambda pods: pods if len(pods) == count else None)(
         [p for p in standin.pods() if p["metadata"]["labels"].get("job-name") == job
@@ -138,6 +174,9 @@ def test_job_pods_logs_and_delete(k8s_standin, kubectl):  # noqa: F811
     pods = [p["metadata"]["name"] for p in running]
     ips = [p["status"]["podIP"] for p in running]
     assert ips[0] != ips[1] and "127.0.0.1" not in ips  # each pod has its own address
+    netns = _pod_netns(k8s_standin)
+    assert len(netns) == 2
+    _wait_for(lambda: len(_pids_in(netns)) >= 2, "both containers' processes")  # what the last check scans for
 
     got = kubectl("get", "jobs,pods", "-n", NS)
     assert got.returncode == 0, got.stderr
@@ -159,18 +198,22 @@ def test_job_pods_logs_and_delete(k8s_standin, kubectl):  # noqa: F811
     assert deleted.returncode == 0 and 'job.batch "demo" deleted' in deleted.stdout
     _wait_for(lambda: "No resources found" in kubectl("get", "jobs,pods,services", "-n", NS).stderr,
               "the Job's pods and owned Service to go")
-    assert all(p.poll() is not None for p in k8s_standin.processes())
+    _no_pod_process_left(k8s_standin, netns)
 
 
 def test_foreground_delete_waits_for_pods_through_a_watch(k8s_standin, kubectl):  # noqa: F811
     slow_exit = ["sh", "-c", "trap 'sleep 1; exit 143' TERM; while true; do sleep 0.1; done"]
-    k8s.BatchV1Api(k8s_standin.api_client()).create_namespaced_job(NS, _plain_job("slow", slow_exit))
+    k8s.BatchV1Api(k8s_standin.api_client()).create_namespaced_job(NS, _plain_job("slow", slow_exit, grace=30))
     _running(k8s_standin, "slow", 1)
+    netns = _pod_netns(k8s_standin)
+    _wait_for(lambda: _pids_in(netns), "the container's process")  # Running: its shim started, maybe not yet it
     deleted = kubectl("delete", "job", "slow", "-n", NS, "--cascade=foreground", "--timeout=30s")
     assert deleted.returncode == 0, deleted.stderr
     # kubectl returned only once the Job was gone, and Foreground keeps it until its pod has exited
-    # (the pod traps SIGTERM and takes a second): so its process must already be gone.
+    # (the pod traps SIGTERM, takes a second and exits: its container's PID 1, so the whole container
+    # goes with it): so its processes must already be gone.
     assert all(proc.poll() is not None for proc in k8s_standin.processes())
+    assert _pids_in(netns) == []
     assert k8s_standin.jobs() == [] and k8s_standin.pods() == []
 
 
@@ -206,13 +249,16 @@ def test_deleting_the_flow_run_job_collects_its_stage_job_pods_and_service(k8s_s
         {"apiVersion": "batch/v1", "kind": "Job", "name": "gone", "uid": "00000000-0000-4000-8000-000000000000"}]}}
     core.create_namespaced_config_map(NS, orphan)
     _running(k8s_standin, "flow-run", 1), _running(k8s_standin, "stage", 2)
+    netns = _pod_netns(k8s_standin)
+    assert len(netns) == 3
+    _wait_for(lambda: len(_pids_in(netns)) >= 3, "the three containers' processes")
     assert "No resources found" in kubectl("get", "configmaps", "-n", NS).stderr  # an absent owner: collected
 
     deleted = kubectl("delete", "job", "flow-run", "-n", NS)  # kubectl's default: Background propagation
     assert deleted.returncode == 0, deleted.stderr
     _wait_for(lambda: "No resources found" in kubectl("get", "jobs,pods,services", "-n", NS).stderr,
               "the stage Job, its pods and its Service to be collected")
-    assert all(p.poll() is not None for p in k8s_standin.processes())
+    _no_pod_process_left(k8s_standin, netns)
 
 
 def test_orphan_cascade_leaves_dependents(k8s_standin, kubectl):  # noqa: F811
@@ -355,10 +401,16 @@ def test_standalone_server_serves_until_sigterm(tmp_path):
                   "the pod to run")
         server.send_signal(signal.SIGTERM)
         assert server.wait(30) == 0
-        assert _host_pids_with(token) == []  # the pod's process went with the server
+        # The pod's process went with the server (a shim's SIGKILL ends its container asynchronously).
+        _wait_for(lambda: not _host_pids_with(token), "the pod's process to go with the server", timeout=5)
     finally:
         if server.poll() is None:
             server.kill()
+        for pid in _host_pids_with(token):  # whatever a failure above left behind
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 # ---- `kubectl create <kind>`: typed clients that send protobuf ------------------------------------

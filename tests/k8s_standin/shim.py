@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import select
 import signal
 import sys
 
@@ -75,7 +76,7 @@ def bind(src: str, dst: str, read_only: bool) -> None:
         mount("none", dst, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
 
 
-def container_init(spec: dict) -> None:
+def container_init(spec: dict, alive: int) -> None:
     """In the new namespaces, as the forked child: set up the rootfs, then exec (never returns)."""
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     root = spec["rootfs"]
@@ -104,6 +105,11 @@ def container_init(spec: dict) -> None:
     os.setgroups([])
     os.setgid(gid)
     os.setuid(uid)
+    # A change of credentials clears the parent-death signal: set it again, then make sure the shim did
+    # not die in between (it would never be delivered).
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if select.select([alive], [], [], 0)[0]:  # EOF: the shim, which holds the write end, is gone
+        os._exit(137)
     workdir = spec.get("workdir") or "/"
     try:
         os.chdir(workdir)
@@ -131,10 +137,12 @@ def main(path: str) -> int:
     os.close(fd)
     _check(libc.unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID), "unshare")
     mount("none", "/", None, MS_REC | MS_PRIVATE)  # nothing mounted for the container leaks to the host
+    alive, keep = os.pipe()  # the child sees EOF on `alive` once the shim has died (both close on exec)
     child = os.fork()
     if child == 0:
+        os.close(keep)
         try:
-            container_init(spec)
+            container_init(spec, alive)
         except BaseException as err:  # noqa: BLE001 - report and exit, never return into the shim
             _fail(str(err), 128)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
