@@ -2,8 +2,8 @@
 
     python -m bench.k8s_cache [--set key=value ...]
 
-Runs the `train` flow three times with launcher=kubernetes against the tests' API stand-in (pods
-are local processes; docs/kubernetes.md) and artifacts on a local moto S3: (1) cold, (2) only
+Runs the `train` flow three times with launcher=kubernetes against the tests' API stand-in (pods run
+in the image `make image` built, each in its own network namespace; docs/kubernetes.md; as root) and artifacts on a local moto S3: (1) cold, (2) only
 `finetune.epochs` changed, (3) the same inputs as (2). Prints, per run, the stage Jobs launched,
 each stage's outcome and the flow's wall time, and the ratio of (3) to (1). Tiny params by default
 (the tests' TINY), so the numbers measure the orchestration, not training.
@@ -52,10 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     project = copy_project(tmp / "project")
     update_params_file(project / "params.yaml", [f"paths.runs={tmp / 'runs'}"])
     os.environ["PIPELINE_PROJECT"] = str(project)
-    standin = StandIn(REPO, tmp / "standin")
+    standin = StandIn(tmp / "standin")
     kubernetes.default_api_client = standin.api_client
+    pods_see = {**credentials, "AWS_ENDPOINT_URL": standin.node_url(port)}  # moto as pods reach it
     k8s.CoreV1Api(standin.api_client()).create_namespaced_secret("ml-pipeline", k8s.V1Secret(
-        metadata=k8s.V1ObjectMeta(name="s3-credentials"), string_data=credentials))
+        metadata=k8s.V1ObjectMeta(name="s3-credentials"), string_data=pods_see))
     base = [*TINY, f"paths.root=s3://{BUCKET}/art", f"paths.registry=s3://{BUCKET}/registry", *args.overrides]
     try:
         with prefect_test_harness(server_startup_timeout=120):

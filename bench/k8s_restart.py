@@ -4,7 +4,8 @@
     python -m bench.k8s_restart --nodes 4 --repeats 10 --poll 2.0
 
 Method. The stand-in (tests/k8s_standin) runs an N-node stage of tests/k8s_standin/fake_stage.py
-in `steps` mode (one step every 0.2 s, a checkpoint file after every step, SIGTERM -> exit 143),
+(its image: the built one plus that file) in `steps` mode (one step every 0.2 s, a checkpoint object on
+a local moto S3 after every step, SIGTERM -> exit 143), each pod a container in its own network namespace,
 launched by KubernetesLauncher with `poll_seconds`. Once all ranks run, rank N-1 is evicted
 (DisruptionTarget, graceful delete) and the clock measures:
 - stopped: eviction -> every process of the attempt has exited (the Job controller's FailJob);
@@ -12,21 +13,25 @@ launched by KubernetesLauncher with `poll_seconds`. Once all ranks run, rank N-1
 Steps lost are measured on the real 2-node pretrain (tests/integration/test_k8s_group_restart.py,
 run with -s): the fake stage checkpoints every step, so it would always show 0.
 Medians over --repeats evictions of one launch (max_restarts = repeats). What the stand-in cannot
-show: real scheduling and image pull of the new pods, NCCL start-up, a real grace period.
+show: real scheduling, NCCL start-up. With pull delays and real grace periods: python -m bench.k8s_eviction.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+from moto.server import ThreadedMotoServer
+
 from pipeline.launch import StageCommand
 from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
 from pipeline.launch.kubernetes import KubernetesLauncher
-from tests.k8s_standin.fixture import REPO_ROOT, StandIn, wait_for
+from pipeline.localserver import free_port
+from tests.k8s_standin.fixture import FAKE, FAKE_IMAGE, StandIn, wait_for
 
 INDEX = "batch.kubernetes.io/job-completion-index"
 JOB = "pipeline.example/job"
@@ -41,14 +46,20 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         tmp = Path(scratch)
-        standin = StandIn(REPO_ROOT, tmp / "pods", secrets={"s3-credentials": {}})
-        checkpoint = tmp / "step.ckpt"
-        cfg = KubernetesLaunchConfig(namespace="ml", image="registry.example/pipeline:bench", nodes=args.nodes,
-                                     command=["python", "-m", "tests.k8s_standin.fake_stage"],
+        standin = StandIn(tmp / "pods")
+        port = free_port()
+        moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        moto.start()
+        env = standin.lend_s3(type("S3", (), {"endpoint": f"http://127.0.0.1:{port}"})())
+        os.environ.update({**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"})
+        import s3fs
+        s3fs.S3FileSystem().mkdir("bench-restart")
+        checkpoint = "s3://bench-restart/step.ckpt"
+        cfg = KubernetesLaunchConfig(namespace="ml", image=FAKE_IMAGE, nodes=args.nodes, command=FAKE,
                                      poll_seconds=args.poll, log_dir=str(tmp / "logs"), termination_grace_seconds=3,
                                      max_restarts=args.repeats)
         launcher = KubernetesLauncher(cfg, standin.api_client())
-        cmd = StageCommand("pretrain", [], {"FAKE_MODE": f"steps:100000:{checkpoint}"}, "bench-restart")
+        cmd = StageCommand("pretrain", [], {"FAKE_MODE": f"steps:100000:{checkpoint}", **env}, "bench-restart")
         thread = threading.Thread(target=lambda: _swallow(launcher, cmd), daemon=True)
         thread.start()
         stopped, running = [], []
@@ -69,6 +80,7 @@ def main() -> None:
             launcher.cancel()
             thread.join(30)
             standin.close()
+            moto.stop()
     print(f"nodes={args.nodes} poll_seconds={args.poll} evictions={args.repeats}")
     print(f"eviction -> attempt's ranks all stopped: median {statistics.median(stopped):.2f} s "
           f"(max {max(stopped):.2f})")

@@ -136,6 +136,7 @@ def test_base_job_template_is_accepted_and_rendered_by_prefect_kubernetes():
     assert (pod.pop("parallelism"), pod.pop("completions")) == (1, 1)
     kubernetes_validate.validate(job, K8S_SCHEMA_VERSION, strict=True)
     container = pod["containers"][0]
+    assert pod["imagePullSecrets"] == []  # no pull Secret unless the pool or deployment names one
     assert "command" not in container and container["args"] == ["prefect", "flow-run", "execute"]
     assert pod["serviceAccountName"] == "pipeline-flow-run" and ("ServiceAccount", "pipeline-flow-run") in docs
     assert container["envFrom"] == [{"secretRef": {"name": "s3-credentials", "optional": True}}]
@@ -148,11 +149,42 @@ def test_base_job_template_is_accepted_and_rendered_by_prefect_kubernetes():
 
 def test_work_pool_variables_reach_the_flow_run_job():
     template = json.loads((K8S / "base" / "base-job-template.json").read_text())
-    job = _flow_run_job(template, {"image": "registry.example/pipeline@sha256:" + "a" * 64, "env_from": [],
+    image = "registry.example/pipeline:0.1.0@sha256:" + "a" * 64
+    job = _flow_run_job(template, {"image": image, "env_from": [], "image_pull_secrets": [{"name": "registry"}],
                                    "service_account_name": "irsa-flow-run", "namespace": "team-a"})
     pod = job["spec"]["template"]["spec"]
-    assert pod["containers"][0]["image"].endswith("a" * 64) and pod["containers"][0]["envFrom"] == []
+    assert pod["containers"][0]["image"] == image and pod["containers"][0]["envFrom"] == []
+    assert pod["imagePullSecrets"] == [{"name": "registry"}]
     assert pod["serviceAccountName"] == "irsa-flow-run" and job["metadata"]["namespace"] == "team-a"
+    pod.pop("parallelism"), pod.pop("completions")
+    kubernetes_validate.validate(job, K8S_SCHEMA_VERSION, strict=True)
+
+
+def _with_worker_pull_secret(tmp_path: Path, overlay: str) -> Path:
+    """A copy of k8s/ whose overlay has its commented-out worker pull-Secret patch uncommented, as
+    the kustomization's comment and docs/kubernetes.md tell an admin to do."""
+    shutil.copytree(K8S, tmp_path / "k8s")
+    kz = tmp_path / "k8s" / "overlays" / overlay / "kustomization.yaml"
+    head, marker, block = kz.read_text().partition("\n# patches:\n")
+    assert marker and block, f"{kz}: no commented-out `patches:` block"
+    kz.write_text(head + "\npatches:\n" + "".join(line.removeprefix("# ") + "\n" for line in block.splitlines()))
+    return tmp_path / "k8s" / "overlays" / overlay
+
+
+@pytest.mark.skipif(not KUBECTL, reason="needs kubectl (kustomize patches)")
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_worker_pull_secret_patch_as_documented(tmp_path, overlay):
+    default = _by_key(build(overlay))
+    assert "imagePullSecrets" not in default[("Deployment", "prefect-worker")]["spec"]["template"]["spec"]
+    out = subprocess.run([KUBECTL, "kustomize", str(_with_worker_pull_secret(tmp_path, overlay))],
+                         capture_output=True, text=True, check=True, timeout=120).stdout
+    patched = _by_key(d for d in yaml.safe_load_all(out) if d)
+    for doc in patched.values():
+        kubernetes_validate.validate(doc, K8S_SCHEMA_VERSION, strict=True)
+    worker = patched.pop(("Deployment", "prefect-worker"))
+    assert worker["spec"]["template"]["spec"].pop("imagePullSecrets") == [{"name": "registry-credentials"}]
+    # The patch adds exactly that: everything else is the default build.
+    assert worker == default.pop(("Deployment", "prefect-worker")) and patched == default
 
 
 def test_deploy_check_rejects_what_the_worker_or_launcher_would(tmp_path, capsys):
