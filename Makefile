@@ -35,7 +35,7 @@ test: setup image  ## the whole test suite (builds the image its Kubernetes pods
 	bash scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-ui: setup  ## Prefect server + UI on http://127.0.0.1:4200 serving the train/retrain deployments
+ui: setup  ## Prefect server + UI on http://127.0.0.1:$${PIPELINE_UI_PORT:-4200} serving the train/retrain deployments; a taken port is exit 2
 	$(BIN)/python -m flows.serve
 
 bench: setup  ## CPU benchmarks; prints each measured ratio

@@ -218,11 +218,11 @@ def _publish_curves(release: str, points_per_series: int = 6) -> None:
     try:
         if not storage.exists(uri):
             return
-        markdown = curves_markdown(storage.read_json(uri), points_per_series)
+        markdown = curves_markdown(storage.read_json(uri), points_per_series, release=release)
     except Exception as exc:  # noqa: BLE001 - a view of the curves never fails a finished run
         get_run_logger().warning("curves artifact skipped: %s: %s", type(exc).__name__, exc)
         return
-    create_markdown_artifact(key="curves", description="Training curves (release curves.json, thinned)",
+    create_markdown_artifact(key="curves", description="Training curves (the release's curves.png, and curves.json thinned)",
                              markdown=markdown)
 
 

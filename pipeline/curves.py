@@ -144,3 +144,85 @@ def render_png(curves: Mapping[str, list[Point]], path: str | Path | None = None
     if path is not None:
         Path(path).write_bytes(data)
     return data
+
+
+def render_confusion_png(csv_path: str | Path, path: str | Path | None = None) -> bytes:
+    """reports/confusion.csv (columns `actual`, `predicted`, a row per test image) as a count matrix PNG:
+    what `dvc plots show` draws with DVC's confusion template."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = list(csv.DictReader(io.StringIO(Path(csv_path).read_text(encoding="utf-8"))))
+    classes = sorted({row[k] for row in rows for k in ("actual", "predicted")},
+                     key=lambda c: (0, int(c)) if c.isdigit() else (1, c))
+    index = {name: i for i, name in enumerate(classes)}
+    counts = [[0] * len(classes) for _ in classes]
+    for row in rows:
+        counts[index[row["actual"]]][index[row["predicted"]]] += 1
+    figure = Figure(figsize=(1.2 + 0.5 * max(len(classes), 4), 1.0 + 0.5 * max(len(classes), 4)), dpi=100,
+                    layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    axes.imshow(counts, cmap="Blues")
+    axes.set_xticks(range(len(classes)), classes)
+    axes.set_yticks(range(len(classes)), classes)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("actual")
+    axes.set_title(f"Confusion matrix ({len(rows)} test images)")
+    peak = max((max(r) for r in counts), default=0)
+    for i, row in enumerate(counts):
+        for j, count in enumerate(row):
+            if count:
+                axes.text(j, i, str(count), ha="center", va="center", fontsize=8,
+                          color="white" if count > peak / 2 else "black")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    data = buffer.getvalue()
+    if path is not None:
+        Path(path).write_bytes(data)
+    return data
+
+
+def write_plots(root: str | Path = ".", out: str | Path = "dvc_plots") -> list[Path]:
+    """What `dvc plots show` draws, as PNGs that need no browser, no internet and no Vega: `out/curves.png`
+    (dvc.yaml's top-level plots: pretraining loss, fine-tuned vs scratch training loss and validation
+    accuracy) and `out/confusion.png` (reports/confusion.csv), from the outputs under `root`
+    (a `dvc repro` checkout, or a `make run` workspace such as runs/latest). Returns the files written."""
+    root, out = Path(root), Path(out)
+    written = []
+    curves = read_curves(run_dirs(str(root / "models" / "pretrain"), str(root / "models" / "finetune")))
+    confusion = root / "reports" / "confusion.csv"
+    if curves or confusion.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+    if curves:
+        render_png(curves, out / CURVES_PNG)
+        written.append(out / CURVES_PNG)
+    if confusion.is_file():
+        render_confusion_png(confusion, out / "confusion.png")
+        written.append(out / "confusion.png")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipeline.curves [ROOT] [--out DIR]`: write_plots; exit 2 when ROOT has no curves and no
+    confusion matrix yet (run `dvc repro` or `make run` first)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.curves", description=write_plots.__doc__)
+    parser.add_argument("root", nargs="?", default=".", help="project or run workspace (default: .)")
+    parser.add_argument("--out", default="dvc_plots", help="folder for the PNGs (default: dvc_plots, "
+                        "where `dvc plots show` writes its index.html)")
+    args = parser.parse_args(argv)
+    written = write_plots(args.root, args.out)
+    if not written:
+        print(f"no training curves and no reports/confusion.csv under {args.root}: run `dvc repro` or "
+              "`make run` first", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

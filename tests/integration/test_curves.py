@@ -24,6 +24,7 @@ from pipeline import storage
 from pipeline.config import FinetuneConfig, TrainerConfig
 from pipeline.curves import CURVES_JSON, CURVES_PNG, read_curves, render_png, run_dirs, thin
 from pipeline.data.stream import InMemorySplit
+from pipeline.model_card import with_run_report
 from pipeline.models.classifier import Classifier
 from pipeline.training import (
     CURVES_DIR, CURVES_STATE, FilesOnlyLive, Terminated, curves_workdir, fit, read_curve_state, step_time_report,
@@ -74,14 +75,15 @@ def test_each_training_run_logs_curves_per_step_and_per_epoch(tiny_run):
         metrics = folder / "plots" / "metrics"
         total = epochs * per_epoch
         # One row per logged step (every step here), numbered by optimizer steps done: 1 .. total.
-        for name in ("loss", "acc", "lr", "images_per_s"):
+        for name in ("loss", "acc", "lr"):
             assert _steps(metrics / "train" / "step" / f"{name}.tsv") == list(range(1, total + 1)), (run, name)
+        # Throughput is a timing: the run report's (images_per_s), never in an output (byte-identical recomputation).
+        assert not (metrics / "train" / "step" / "images_per_s.tsv").exists()
         losses = _values(metrics / "train/step/loss.tsv", "loss")
         assert all(math.isfinite(v) and v > 0 for v in losses), (run, losses)
         assert all(0.0 <= v <= 1.0 for v in _values(metrics / "train/step/acc.tsv", "acc"))
         lrs = _values(metrics / "train/step/lr.tsv", "lr")
         assert all(math.isfinite(v) and v > 0 for v in lrs) and lrs[0] != lrs[-1]  # the schedule moves it
-        assert all(v > 0 for v in _values(metrics / "train/step/images_per_s.tsv", "images_per_s"))
         # One row per epoch, at the step that ended it.
         epoch_ends = [per_epoch * (e + 1) for e in range(epochs)]
         for split, name in (("train", "loss"), ("train", "acc"), ("val", "loss"), ("val", "acc")):
@@ -97,20 +99,21 @@ def test_each_training_run_logs_curves_per_step_and_per_epoch(tiny_run):
     assert last_val == pytest.approx(finetune["finetuned"]["val_accuracy"])
 
 
-def test_summaries_record_step_times_and_device_hours(tiny_run):
+def test_run_reports_record_step_times_and_device_hours(tiny_run):
     root, _, _ = tiny_run
-    pretrain = _json(root / "models/pretrain/summary.json")
-    finetune = _json(root / "models/finetune/summary.json")
+    pretrain = _json(root / "reports/usage/pretrain.json")  # run reports (pipeline/runinfo.py), not the outputs
+    finetune = _json(root / "reports/usage/finetune.json")
     for run in (pretrain, finetune["finetuned"], finetune["scratch"]):
         timing = run["step_time"]
         assert len(timing["per_rank_ms"]) == 1 and timing["per_rank_ms"][0] > 0
         assert timing["slowest_rank"] == 0 and timing["slowest_ratio"] == 1.0
         assert run["device_kind"] == "cpu"
         assert run["device_hours"] == pytest.approx(run["wall_time_s"] / 3600, abs=2e-6)
+        assert run["images_per_s"] > 0
     assert finetune["device_hours"] == pytest.approx(
         finetune["finetuned"]["device_hours"] + finetune["scratch"]["device_hours"], abs=2e-6)
-    for data in ("prepared", "corpus"):
-        summary = _json(root / "data" / data / "summary.json")
+    for data in ("prepare", "corpus"):
+        summary = _json(root / "reports/usage" / f"{data}.json")
         assert summary["device_kind"] == "cpu" and summary["device_hours"] > 0
 
 
@@ -118,7 +121,8 @@ def test_release_has_the_curves_and_the_card_has_curves_and_device_hours(tiny_ru
     root, _, _ = tiny_run
     release = root / "models/release"
     data = _json(release / CURVES_JSON)
-    expected = {f"{run}/{series}" for run in ("pretrain", "finetuned", "scratch") for series in curves_module.SERIES}
+    expected = {f"{run}/{series}" for run in ("pretrain", "finetuned", "scratch") for series in curves_module.SERIES
+                if series != "images_per_s"}  # a timing: the run reports', not the curves'
     assert set(data) == expected
     assert data == read_curves(run_dirs(str(root / "models/pretrain"), str(root / "models/finetune")))
     for name, points in data.items():
@@ -129,6 +133,7 @@ def test_release_has_the_curves_and_the_card_has_curves_and_device_hours(tiny_ru
     card = _json(release / "model_card.json")
     assert card["curves"] == CURVES_PNG
     assert "![curves](curves.png)" in (release / "model_card.md").read_text()
+    card = with_run_report(card, _json(root / "reports/usage/evaluate.json"))  # what the registry's card shows
     hours = card["device_hours"]
     assert set(hours["stages"]) == {"prepare", "corpus", "pretrain", "finetune", "evaluate"}
     assert all(usage["kind"] == "cpu" and usage["hours"] > 0 for usage in hours["stages"].values())
@@ -203,7 +208,8 @@ def _fit(tmp: Path, every: int = 1, checkpoint_every: int = 100, callbacks=(), c
     return result, total
 
 
-def test_rows_every_log_every_n_steps_and_at_the_last_step(tmp_path):
+def test_rows_every_log_every_n_steps_and_at_the_last_step(tmp_path, monkeypatch):
+    monkeypatch.setattr("pipeline.training.CURVE_POINTS", 1)  # else a 12-step run logs every step (curve_interval)
     result, total = _fit(tmp_path, every=4, epochs=2)  # 6 steps an epoch: 12 in all
     assert total == 12
     folder = result.curves_dir
@@ -391,3 +397,11 @@ def test_render_png_draws_what_there_is(tmp_path):
                      tmp_path / "curves.png")
     assert png.startswith(PNG_MAGIC) and (tmp_path / "curves.png").read_bytes() == png
     assert render_png({}).startswith(PNG_MAGIC)  # no data at all: still a picture (panels say "no data")
+
+
+def test_short_runs_get_enough_curve_points():
+    from pipeline.training import CURVE_POINTS, curve_interval
+
+    assert curve_interval(60, 20) == 1  # the default fine-tuning: 60 points, not 3
+    assert curve_interval(540, 20) == 5 and 540 // 5 >= CURVE_POINTS  # the default pretraining: 108 points
+    assert curve_interval(100_000, 20) == 20  # long runs: trainer.log_every_n_steps
