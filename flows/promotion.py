@@ -12,8 +12,9 @@ from pathlib import Path
 from pipeline import storage
 from pipeline.config import Config
 from pipeline.data.prepared import load_prepared
-from pipeline.model_card import CARD_MARKDOWN, write_markdown
+from pipeline.model_card import CARD_MARKDOWN, with_run_report, write_markdown
 from pipeline.models.bundle import CLASSIFIER_FILE, load_classifier
+from pipeline.runinfo import read_usage
 from pipeline.stages.evaluate import predictions, score
 
 CHAMPION = "champion.json"
@@ -57,7 +58,7 @@ def decide(cfg: Config, outputs: dict[str, str], registry: str, run_name: str,
                                                   f"+ margin {cfg.evaluate.promotion_margin}")
     release = storage.join(registry, "releases", run_name)
     decision["release"] = release
-    _archive(outputs["release"], release, decision, stages or {})
+    _archive(outputs["release"], release, decision, stages or {}, read_usage(cfg, "evaluate"))
     storage.write_json(storage.join(registry, LAST_EVALUATED), {
         "run": run_name, "data_version": metrics["data_version"], "corpus_version": metrics.get("corpus_version"),
         "promoted": decision["promoted"]})
@@ -69,10 +70,12 @@ def decide(cfg: Config, outputs: dict[str, str], registry: str, run_name: str,
     return decision
 
 
-def _archive(bundle: str, target: str, decision: dict, stages: dict[str, str]) -> None:
-    """Every challenger is kept with its card, now carrying the decision and how each stage was obtained
-    (restarts and their causes included); only winners get the pointer."""
-    card = storage.read_json(storage.join(bundle, "model_card.json"))
+def _archive(bundle: str, target: str, decision: dict, stages: dict[str, str], report: dict | None) -> None:
+    """Every challenger is kept with its card, now carrying the decision, how each stage was obtained
+    (restarts and their causes included) and the run's facts (timings, hardware: the evaluate run report,
+    which the release bundle leaves out so that it stays a pure function of its inputs); only winners
+    get the pointer."""
+    card = with_run_report(storage.read_json(storage.join(bundle, "model_card.json")), report)
     card["promotion"] = decision
     card["stages"] = stages
     with storage.staged_output(target) as out:

@@ -92,10 +92,12 @@ class DataConfig(_Section):
     """Share of each class held out for validation (stratified)."""
     test_fraction: float = Field(0.25, gt=0, lt=0.5)
     """Share of each class held out for the final test (stratified)."""
-    image_size: int = Field(8, ge=1, le=4096)
+    image_size: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = "auto"
     """Side in pixels of the square images every stage sees (target and pretraining corpus alike): each
-    image is EXIF-rotated, its shorter side resized to this, then centre-cropped. 8 keeps the digits
-    demo as it is; photos want e.g. 224."""
+    image is EXIF-rotated, its shorter side resized to this, then centre-cropped. `auto` (the default):
+    the target source's own size when all its images share one shorter side (the digits demo: 8), so no
+    image is resized; a source of mixed sizes is an error asking for a number (docs/data.md). Photos
+    want e.g. 224. A number larger than every image is an error (it would only blow them up)."""
     channels: Literal[1, 3] = 1
     """1 (grayscale) or 3 (RGB): every image is converted to this (RGBA is composited on black)."""
     min_image_size: int = Field(8, ge=1)

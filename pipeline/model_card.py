@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 CARD_MARKDOWN = "model_card.md"
+# What a run's report (pipeline/runinfo.py, `reports/usage/evaluate.json`) adds to the card: facts about the
+# computation, not its result, so never in the release's own card (a DVC output, byte-identical when recomputed).
+RUN_FIELDS = ("wall_time_s", "device_hours", "step_time", "hardware", "git_commit", "created_at")
 CURVES_IMAGE = "curves.png"
 _MAX_CLASSES_LISTED = 30
 
@@ -129,11 +132,18 @@ def _decision(card: dict) -> list[str]:
     return lines
 
 
+def with_run_report(card: dict, report: dict | None) -> dict:
+    """The card with the run's facts (RUN_FIELDS) from its report: what the registry's copy shows."""
+    return {**card, **{key: report[key] for key in RUN_FIELDS if report and key in report}}
+
+
 def _hardware(card: dict) -> list[str]:
     hardware = card.get("hardware") or {}
     times = card.get("wall_time_s") or {}
     if not hardware and not times and not card.get("device_hours"):
-        return []
+        return ["## Hardware and time", "",
+                "Not part of this card, so that recomputing the release gives the same bytes: the run's report "
+                "(`reports/usage/evaluate.json`) has them, and the registry's copy of the card shows them.", ""]
     lines = ["## Hardware and time", ""]
     if hardware:
         devices = hardware.get("cuda_devices") or []
@@ -161,8 +171,11 @@ def _hardware(card: dict) -> list[str]:
 
 
 def _lineage(card: dict) -> list[str]:
-    lines = ["## Lineage", "", f"- git commit: {_code(card.get('git_commit'))}",
-             f"- created: {_cell(card.get('created_at'))}", ""]
+    lines = ["## Lineage", ""]
+    lines += [f"- git commit: {_code(card.get('git_commit'))}"] if card.get("git_commit") else []
+    lines += [f"- created: {_cell(card.get('created_at'))}"] if card.get("created_at") else []
+    lines += [f"- data version: {_code(card.get('data_version'))}, corpus version: {_code(card.get('corpus_version'))}",
+              ""]
     if card.get("params"):
         lines += ["<details><summary>Effective parameters</summary>", "", "```json",
                   json.dumps(card["params"], indent=2, sort_keys=True), "```", "", "</details>", ""]

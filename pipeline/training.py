@@ -26,6 +26,7 @@ import statistics
 import tempfile
 import threading
 import time
+import warnings
 from argparse import Namespace
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -321,13 +322,23 @@ def _write_curve_files(directory: Path, files: dict[str, str]) -> None:
         path.write_text(text, encoding="utf-8")
 
 
+CURVE_POINTS = 100  # a run with fewer points than this at trainer.log_every_n_steps logs its curves more often
+
+
+def curve_interval(total_steps: int, every: int) -> int:
+    """Optimizer steps between two points of the training curves: trainer.log_every_n_steps, or less (down to
+    every step) when the run is too short to give CURVE_POINTS points at that interval."""
+    return max(1, min(every, total_steps // CURVE_POINTS))
+
+
 class TrainCurves(Callback):
     """Per-step points of the training curves, every `every` optimizer steps (and at the last step), rank 0.
 
     `train/step/loss` and `train/step/acc` are means over rank 0's batches since the previous point, read
     from the module's device-side epoch sums (classifier.RunningMeans): one host sync per point, nothing
-    per step. `train/step/lr` is the head's learning rate. `train/step/images_per_s` counts all ranks'
-    images (rank 0's times the world size) over the wall time since the previous point, validation excluded.
+    per step. `train/step/lr` is the head's learning rate. Throughput (all ranks' images, rank 0's times the
+    world size, over the wall time since the previous point, validation excluded) is kept in `rates`, not
+    in the curves: they are part of a stage's DVC output, which must not hold timings (FitResult.images_per_s).
     Per-epoch `train/{loss,acc}` and `val/{loss,acc}` come from the module's self.log, through Lightning,
     to the same logger. (Not `step/...`: DVCLive keeps the step number under "step" in metrics.json.)
     Saves the curve state at every checkpoint and epoch end, so a resumed run continues them (CurveLogger).
@@ -339,6 +350,7 @@ class TrainCurves(Callback):
         self._mark = time.perf_counter()
         self._validating_s, self._validation_started = 0.0, None
         self._means, self._sums, self._count = None, [0.0, 0.0], 0
+        self.rates: list[float] = []  # images/s of each window (all ranks), validation excluded
 
     def on_train_start(self, trainer, pl_module):
         self._logged, self._mark, self._validating_s, self._means = trainer.global_step, time.perf_counter(), 0.0, None
@@ -379,8 +391,8 @@ class TrainCurves(Callback):
             seconds = now - self._mark - self._validating_s
             if samples:
                 point.update({"train/step/loss": loss / samples, "train/step/acc": accuracy / samples})
-                if seconds > 0:
-                    point["train/step/images_per_s"] = samples * trainer.world_size / seconds
+                if seconds > 0:  # a timing: the run report's (FitResult.images_per_s), never the curves' files
+                    self.rates.append(samples * trainer.world_size / seconds)
         self._mark, self._validating_s = now, 0.0
         self.curves.log_metrics(point, step=step)
 
@@ -496,6 +508,12 @@ def quiet_lightning() -> None:
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
                  "lightning.fabric.utilities.seed", "lightning.pytorch.utilities.model_summary"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # The checkpoint folder is this run's own (keyed by config content, checkpoint_dir_for): on a first run it
+    # already holds the run's curve folder (the logger creates it at setup, before ModelCheckpoint looks), on a
+    # resume last.ckpt. Neither is worth a warning; ModelCheckpoint writes only best.ckpt there.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # Lightning 2.6's own use of a torch class deprecated in torch 2.9: nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 
 @dataclass
@@ -512,11 +530,13 @@ class FitResult:
     device_kind: str = "cpu"  # "gpu" or "cpu"
     device_hours: float = 0.0  # wall_time_s x world_size / 3600: what the run cost in devices (or CPU processes)
     step_time: dict | None = None  # StepTimes' report: per_rank_ms, median_ms, slowest_rank, slowest_ratio
+    images_per_s: float | None = None  # rank 0: median training throughput of all ranks (TrainCurves.rates)
     curves_dir: Path | None = None  # rank 0: this run's DVCLive folder, for the stage to publish (publish_curves)
 
     def usage(self) -> dict:
-        """What a stage's summary.json records about the run's cost and speed."""
-        return {"device_hours": self.device_hours, "device_kind": self.device_kind, "step_time": self.step_time}
+        """What a stage's run report (pipeline/runinfo.py) records about the run's cost and speed."""
+        return {"device_hours": self.device_hours, "device_kind": self.device_kind, "step_time": self.step_time,
+                "images_per_s": self.images_per_s}
 
 
 def compile_in_place(module: nn.Module) -> None:
@@ -588,8 +608,9 @@ def fit(
     curves = CurveLogger(curves_dir if curves_dir is not None else curves_workdir(checkpoint_dir), label, curve_files,
                          state_uri=curve_state)
     step_times = StepTimes(label)
+    train_curves = TrainCurves(curves, total_steps, curve_interval(total_steps, trainer_cfg.log_every_n_steps))
     callbacks: list[Callback] = [
-        TrainCurves(curves, total_steps, trainer_cfg.log_every_n_steps),  # before ResumeCheckpoint: a checkpoint
+        train_curves,  # before ResumeCheckpoint: a checkpoint
         ResumeCheckpoint(resume, stage.checkpoint_every_n_steps),  # at step N then carries the curves' point N
         StopTogether(),  # a SIGTERM on any rank stops all ranks at one step, where ResumeCheckpoint saves
         ProgressLines(label, total_steps, trainer_cfg.log_every_n_steps, resumed_from),
@@ -662,6 +683,7 @@ def fit(
         device_kind=device_kind(trainer),
         device_hours=round(wall_time_s * trainer.world_size / 3600, 6),
         step_time=step_times.report,
+        images_per_s=round(statistics.median(train_curves.rates), 1) if train_curves.rates else None,
         curves_dir=curves.directory if trainer.is_global_zero and not curves.failed
         and curves.directory.is_dir() else None,
     )

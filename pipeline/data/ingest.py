@@ -31,6 +31,7 @@ from pipeline.data.images import Transform
 from pipeline.data.shards import Sample, samples_per_shard, write_split
 from pipeline.data.sources import SourceScan
 from pipeline.data.tasks import SPLITS
+from pipeline.runinfo import write_usage
 from pipeline.errors import DataError
 
 DOWNSCALE_WARNING = 4  # median source side >= this x image_size: the user probably forgot data.image_size
@@ -59,10 +60,14 @@ def holdout_split(labels: np.ndarray, val_fraction: float, seed: int, stratify: 
 
 
 def ingest(cfg: Config, scan: SourceScan, *, stage: str, out_uri: str, splits: tuple[str, ...],
-           assign: Callable[[np.ndarray], np.ndarray], pin_key: str, pin: str | None) -> dict:
-    """Write `scan` as a prepared dataset at `out_uri` -> the summary. `assign(labels)` gives split codes."""
+           assign: Callable[[np.ndarray], np.ndarray], pin_key: str, pin: str | None, image_size: int) -> dict:
+    """Write `scan` as a prepared dataset at `out_uri` -> the summary. `assign(labels)` gives split codes.
+
+    `image_size`: data.image_size resolved (sources.image_size_for). The summary written into the output holds
+    only what the data determines; timings and counts of reused work go to the stage's run report
+    (pipeline/runinfo.py), and the returned dict holds both."""
     started = time.perf_counter()
-    transform = Transform(cfg.data.image_size, cfg.data.channels)
+    transform = Transform(image_size, cfg.data.channels)
     workers = cfg.data.num_workers or os.cpu_count() or 1
     decoder = Decoder(transform, workers, DecodedCache.default(), stage)
     if scan.problems and scan.items:
@@ -90,25 +95,30 @@ def ingest(cfg: Config, scan: SourceScan, *, stage: str, out_uri: str, splits: t
             raise DataError(decoder.problems)
         manifest = _manifest(cfg, scan, version, split, splits, transform, shards)
         storage.write_json(str(out / "manifest.json"), manifest)
-        wall = time.perf_counter() - started
         summary = {
             "stage": stage,
             "data_version": version,
             "images": len(scan.items),
             "classes": len(scan.classes),
+            "image_size": transform.image_size,
             "shards": sum(len(entries) for entries in shards.values()),
-            "decoded": decoder.decoded,
-            "reused": decoder.reused,
-            "workers": workers,
-            "wall_time_s": round(wall, 3),
-            "device_hours": round(wall / 3600, 6),  # one process (its decoding workers included), no accelerator
-            "device_kind": "cpu",
-            "images_per_s": round(len(scan.items) / max(wall, 1e-9), 1),
         }
-        storage.write_json(str(out / "summary.json"), summary)
+        storage.write_json(str(out / "summary.json"), summary)  # a pure function of code, params and data
+    wall = time.perf_counter() - started
+    usage = {
+        "decoded": decoder.decoded,
+        "reused": decoder.reused,
+        "workers": workers,
+        "wall_time_s": round(wall, 3),
+        "device_hours": round(wall / 3600, 6),  # one process (its decoding workers included), no accelerator
+        "device_kind": "cpu",
+        "images_per_s": round(len(scan.items) / max(wall, 1e-9), 1),
+    }
+    write_usage(cfg, stage, usage)
     classes = f"{len(scan.classes)} classes" if scan.labelled else "unlabelled"
-    print(f"[{stage}] {len(scan.items)} images, {classes}, splits {manifest['split_counts']}, version {version}")
-    return summary
+    print(f"[{stage}] {len(scan.items)} images, {classes}, {transform.image_size} px, splits "
+          f"{manifest['split_counts']}, version {version}")
+    return {**summary, **usage}
 
 
 def _write_shards(out: Path, scan: SourceScan, split: np.ndarray, splits: tuple[str, ...], decoder: Decoder,

@@ -106,13 +106,15 @@ def content_id(source: str, kind: Kind, cfg: Config) -> str:
     return scan.content_id()
 
 
-def scan_source(source: str, kind: Kind, cfg: Config) -> SourceScan:
+def scan_source(source: str, kind: Kind, cfg: Config, image_size: int | None = None) -> SourceScan:
     """List `source` and hash every image in it. Problems are collected in `.problems`, not raised,
-    except a source that cannot be listed at all (missing, not a folder, access denied)."""
+    except a source that cannot be listed at all (missing, not a folder, access denied).
+
+    `image_size`: the resolved side (image_size_for) that `builtin:glyphs` renders at; unset, the target's."""
     if source == "builtin:digits" and kind == "data":
         return _digits(source)
     if source == "builtin:glyphs" and kind == "corpus":
-        return _glyphs(source, cfg)
+        return _glyphs(source, cfg, image_size if image_size is not None else target_image_size(cfg))
     if source.startswith("builtin:"):
         known = ", ".join(BUILTINS[kind])
         raise DataError(f"{CONFIG_KEY[kind]}: unknown builtin dataset {source!r} here (known: {known})")
@@ -147,8 +149,8 @@ def _digits(source: str) -> SourceScan:
     return SourceScan(source, "data", [str(n) for n in digits.target_names], items, [])
 
 
-def _glyphs(source: str, cfg: Config) -> SourceScan:
-    size, channels = cfg.data.image_size, cfg.data.channels
+def _glyphs(source: str, cfg: Config, size: int) -> SourceScan:
+    channels = cfg.data.channels
     items = []
     for i, params in enumerate(glyph_params(cfg.pretrain.glyphs_per_class, cfg.seed)):
         # A glyph is identified by its draws and output size (rendering is deterministic), so the
@@ -223,8 +225,8 @@ def _hash(root: str, listed: list[tuple[str, int, dict]], min_size: int) -> tupl
         except DataError as exc:
             return None, exc.problems[0], downloaded
         if min(width, height) < min_size:
-            return None, (f"{shown}: {width}x{height} px, shorter side below data.min_image_size={min_size} "
-                          "(too small to resize up without making blur)"), downloaded
+            return None, _TooSmall(f"{shown}: {width}x{height} px, shorter side below data.min_image_size="
+                                   f"{min_size} (too small to resize up without making blur)", min(width, height)), downloaded
         return Item(shown, label, origin, hashlib.sha256(data).hexdigest(), width, height, mode), None, downloaded
 
     items, problems, downloaded = [], [], 0
@@ -236,7 +238,81 @@ def _hash(root: str, listed: list[tuple[str, int, dict]], min_size: int) -> tupl
     if remote:
         print(f"[source] {root}: {len(listed)} images, {downloaded} downloaded, "
               f"{len(listed) - downloaded} from the local cache", flush=True)
-    return items, problems
+    small = [problem for problem in problems if isinstance(problem, _TooSmall)]
+    if small and not items:
+        # Not one image is usable: one message about the setting, not one line per file.
+        largest = max(problem.side for problem in small)
+        problems = [p for p in problems if not isinstance(p, _TooSmall)] + [
+            f"{root}: all {len(small)} image(s) have a shorter side below data.min_image_size={min_size} px "
+            f"(the largest is {largest} px); lower data.min_image_size to {largest} if that resolution is "
+            "what you want to train on, or use larger images"]
+    return items, [str(problem) for problem in problems]
+
+
+class _TooSmall(str):
+    """A too-small image's problem line, with its shorter side."""
+
+    def __new__(cls, text: str, side: int):
+        line = super().__new__(cls, text)
+        line.side = side
+        return line
+
+
+# ---------------------------------------------------------------- the image size
+
+
+def image_size_for(scan: SourceScan, cfg: Config) -> tuple[int | None, str | None]:
+    """(the side every image becomes, None) for the target's scan, or (None, the problem) when there is none.
+
+    `data.image_size` a number: that number, unless it is larger than every image (all would be blown up).
+    `auto`: the source's own shorter side when every image shares one (nothing is resized, only
+    centre-cropped square): the digits demo's 8 px, or a folder of uniform images at their native size.
+    Images of several shorter sides: a problem asking for `data.image_size` (no guess made for the user).
+    """
+    sides = collections.Counter(min(item.width, item.height) for item in scan.items)
+    setting = cfg.data.image_size
+    if setting != "auto":
+        if sides and not _rendered(scan) and setting > max(sides):
+            return None, (f"{scan.source}: data.image_size={setting} is larger than every image in it (the largest "
+                          f"shorter side is {max(sides)} px): every image would be blown up into blur; set "
+                          f"data.image_size to at most {max(sides)}, or to auto")
+        return setting, None
+    if len(sides) == 1:
+        return next(iter(sides)), None
+    if not sides:
+        return None, None  # no readable image: the scan's own problems say why
+    shown = ", ".join(f"{side} px x{count}" for side, count in sides.most_common(5))
+    return None, (f"{scan.source}: data.image_size is auto, but the images have {len(sides)} different shorter "
+                  f"sides ({shown}{', ...' if len(sides) > 5 else ''}); set data.image_size (e.g. 224 for photos, "
+                  f"or {min(sides)} to never resize an image up)")
+
+
+def target_image_size(cfg: Config) -> int:
+    """The side every image of this run becomes (`data.image_size`, resolved): what `prepare` uses, and what the
+    corpus shares. `auto` scans the target source (hashes and headers; nothing decoded). Raises DataError."""
+    if cfg.data.image_size != "auto":
+        return cfg.data.image_size
+    scan = scan_source(cfg.data.source, "data", cfg)
+    size, problem = image_size_for(scan, cfg)
+    if size is None:
+        raise DataError([*scan.problems, *([problem] if problem else [])]
+                        or [f"{cfg.data.source}: no readable image to take data.image_size from"])
+    return size
+
+
+def check_corpus_size(scan: SourceScan, size: int) -> str | None:
+    """A problem when every corpus image is smaller than the shared side `size` (all would be blown up)."""
+    sides = [min(item.width, item.height) for item in scan.items]
+    if not sides or _rendered(scan) or size <= max(sides):
+        return None
+    return (f"{scan.source}: every image of pretrain.source is smaller than the side the corpus shares with the "
+            f"target (data.image_size: {size} px; the largest shorter side here is {max(sides)} px): every image would be "
+            f"blown up into blur; use a corpus of larger images, or set data.image_size to at most {max(sides)}")
+
+
+def _rendered(scan: SourceScan) -> bool:
+    """builtin:glyphs: drawn at whatever size is asked, never resized."""
+    return scan.source == "builtin:glyphs"
 
 
 def _count_problems(root: str, kind: Kind, classes: list[str], items: list[Item]) -> list[str]:

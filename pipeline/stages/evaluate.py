@@ -3,7 +3,9 @@
 Writes `reports/metrics.json` (DVC metrics: test.accuracy, scratch.test.accuracy,
 transfer_gain, per-class precision/recall), `reports/confusion.csv` (DVC confusion plot)
 and `models/release/` (the model, and its model card: the lineage users read later; the training
-curves as `curves.json` and `curves.png`, pipeline/curves.py).
+curves as `curves.json` and `curves.png`, pipeline/curves.py). All of them are pure functions of code,
+params and data; the run's timings, device-hours, hardware, commit and date go to its run report,
+`reports/usage/evaluate.json` (pipeline/runinfo.py), which promotion merges into the registry's card.
 
     python -m pipeline evaluate
 """
@@ -23,9 +25,9 @@ from pipeline.data.prepared import load_prepared
 from pipeline.data.shards import SplitShards
 from pipeline.curves import CURVES_JSON, CURVES_PNG, read_curves, render_png, run_dirs
 from pipeline.data.stream import InMemorySplit, ShardStream
-from pipeline.model_card import CARD_MARKDOWN, write_markdown
+from pipeline.model_card import CARD_MARKDOWN, with_run_report, write_markdown
 from pipeline.models.bundle import CLASSIFIER_FILE, SCRATCH_FILE, load_classifier
-from pipeline.runinfo import git_commit, hardware
+from pipeline.runinfo import git_commit, hardware, read_usage, usage_uri, write_usage
 
 
 def predictions(module, data: SplitShards | InMemorySplit, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,30 +64,30 @@ def confusion_rows(labels: torch.Tensor, predicted: torch.Tensor, classes: list[
     return out.getvalue().encode()
 
 
+STAGE_OUTPUTS = ("prepare", "corpus", "pretrain", "finetune")
+
+
 def stage_times(cfg: Config) -> dict:
+    """Wall time of each earlier stage from its run report (pipeline/runinfo.py); None where it has none."""
     times = {}
-    for stage, output in (("prepare", "prepared"), ("corpus", "corpus"), ("pretrain", "pretrain"), ("finetune", "finetune")):
-        summary = storage.join(cfg.paths.uri(output), "summary.json")
-        times[stage] = storage.read_json(summary)["wall_time_s"] if storage.exists(summary) else None
+    for stage in STAGE_OUTPUTS:
+        report = read_usage(cfg, stage)
+        times[stage] = report.get("wall_time_s") if report else None
     return times
 
 
 def stage_usage(cfg: Config, evaluate_s: float) -> tuple[dict, dict]:
-    """(device-hours per stage and per device kind in total, step-time reports per training run) from the summaries.
-
-    A summary written before stages recorded device_hours counts wall_time_s x world_size on CPU.
-    """
+    """(device-hours per stage and per device kind in total, step-time reports per training run) from the
+    stages' run reports. A stage without one (restored from a cache: it computed nothing) is left out."""
     stages, step_time = {}, {}
-    outputs = (("prepare", "prepared"), ("corpus", "corpus"), ("pretrain", "pretrain"), ("finetune", "finetune"))
-    for stage, output in outputs:
-        uri = storage.join(cfg.paths.uri(output), "summary.json")
-        if not storage.exists(uri):
+    for stage in STAGE_OUTPUTS:
+        report = read_usage(cfg, stage)
+        if not report:
             continue
-        summary = storage.read_json(uri)
-        hours = summary.get("device_hours", summary.get("wall_time_s", 0.0) * summary.get("world_size", 1) / 3600)
-        stages[stage] = {"hours": round(hours, 6), "kind": summary.get("device_kind", "cpu")}
-        runs = {stage: summary} if stage == "pretrain" else \
-            {f"{stage}/{v}": summary[v] for v in ("finetuned", "scratch") if isinstance(summary.get(v), dict)}
+        hours = report.get("device_hours", report.get("wall_time_s", 0.0) / 3600)
+        stages[stage] = {"hours": round(hours, 6), "kind": report.get("device_kind", "cpu")}
+        runs = {stage: report} if stage == "pretrain" else \
+            {f"{stage}/{v}": report[v] for v in ("finetuned", "scratch") if isinstance(report.get(v), dict)}
         step_time.update({run: info["step_time"] for run, info in runs.items() if info.get("step_time")})
     stages["evaluate"] = {"hours": round(evaluate_s / 3600, 6), "kind": "cpu"}
     total: dict[str, float] = {}
@@ -116,10 +118,10 @@ def run(cfg: Config) -> dict:
         scratch, _ = load_classifier(scratch_uri)
         metrics["scratch"] = {"test": score(*predictions(scratch, test, cfg.evaluate.batch_size))[0]}
         metrics["transfer_gain"] = round(metrics_test["accuracy"] - metrics["scratch"]["test"]["accuracy"], 6)
-    times = stage_times(cfg)
-    times["evaluate"] = round(time.perf_counter() - started, 3)
-    device_hours, step_time = stage_usage(cfg, times["evaluate"])
     curves = read_curves(run_dirs(cfg.paths.uri("pretrain"), finetune_uri))  # pipeline/curves.py
+    # The card in the release is a pure function of code, params and data (byte-identical when recomputed):
+    # no paths (where a run writes), no timings, hardware, commit or date. Those are the run report's
+    # (RUN_FIELDS), which promotion merges into the registry's copy (model_card.with_run_report).
     card = {
         "model": CLASSIFIER_FILE,
         "task": {"classes": classes, "pretraining": f"{cfg.pretrain.objective} on {pretrained.get('corpus_source')}",
@@ -129,15 +131,9 @@ def run(cfg: Config) -> dict:
         "corpus_version": pretrained.get("corpus_version"),
         "corpus_source": pretrained.get("corpus_source"),
         "image_transform": data.manifest.get("transform"),
-        "git_commit": git_commit(),
-        "params": cfg.model_dump(mode="json"),
+        "params": cfg.model_dump(mode="json", exclude={"paths"}),
         "metrics": metrics,
-        "wall_time_s": times,
-        "device_hours": device_hours,  # per stage {hours, kind}, and in total per device kind (gpu/cpu)
-        "step_time": step_time,  # per training run: per-rank median step times, the slowest rank and its ratio
         **({"curves": CURVES_PNG} if curves else {}),
-        "hardware": hardware(),
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     with storage.staged_output(cfg.paths.uri("release")) as out:
         # The release is self-contained: promotion and serving never reach back into finetune's output.
@@ -150,9 +146,19 @@ def run(cfg: Config) -> dict:
     reports = cfg.paths.uri("reports")
     storage.write_bytes(storage.join(reports, "confusion.csv"), confusion_rows(labels, predicted, classes))
     storage.write_json(storage.join(reports, "metrics.json"), metrics)  # last: metrics mean "evaluation finished"
+    times = stage_times(cfg)
+    times["evaluate"] = round(time.perf_counter() - started, 3)
+    device_hours, step_time = stage_usage(cfg, times["evaluate"])
+    report = write_usage(cfg, "evaluate", {
+        "wall_time_s": times,  # per stage; None: restored from a cache in this workspace (nothing computed)
+        "device_hours": device_hours,  # per stage {hours, kind}, and in total per device kind (gpu/cpu)
+        "step_time": step_time,  # per training run: per-rank median step times, the slowest rank and its ratio
+        "hardware": hardware(),
+        "git_commit": git_commit(),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
     gain = metrics.get("transfer_gain")
     print(f"[evaluate] test/acc {metrics_test['accuracy']:.4f}"
           + (f", scratch {metrics['scratch']['test']['accuracy']:.4f}, transfer_gain {gain:+.4f}" if gain is not None else ""))
-    return {"stage": "evaluate", "metrics": metrics, "release": cfg.paths.uri("release"), "wall_time_s": times["evaluate"]}
-
-
+    return {"stage": "evaluate", "metrics": metrics, "release": cfg.paths.uri("release"), "wall_time_s": times["evaluate"],
+            "run_report": usage_uri(cfg, "evaluate"), "card": with_run_report(card, report)}

@@ -23,6 +23,7 @@ from pipeline.data.stream import InMemorySplit, to_float
 from pipeline.models.bundle import BACKBONE_FILE, SUFFIX as BUNDLE_SUFFIX, load_backbone, save_classifier
 from pipeline.models.classifier import Classifier
 from pipeline.optim import effective_lr
+from pipeline.runinfo import write_usage
 from pipeline.training import (
     CURVES_DIR, FitResult, checkpoint_dir_for, fit, publish_curves, steps_per_epoch, world_size,
 )
@@ -32,7 +33,8 @@ IMPRINT_MAX_PER_CLASS = 256  # class means for imprinting need a sample, not a w
 
 
 def _train_variant(cfg: Config, variant: str, backbone: dict, data: PreparedData, train, val
-                   ) -> tuple[Classifier, dict, FitResult]:
+                   ) -> tuple[Classifier, dict, dict, FitResult]:
+    """-> (module, what the output's summary says of it, what the run report says of it, the fit's result)."""
     ft = cfg.finetune
     world = world_size(cfg.trainer)
     image_shape = data.image_shape
@@ -66,11 +68,12 @@ def _train_variant(cfg: Config, variant: str, backbone: dict, data: PreparedData
                  partly_frozen=transfer and ft.freeze_backbone_epochs > 0, cache_mb=cfg.data.cache_mb)
     return module, {
         "steps": result.steps,
-        "resumed_from_step": result.resumed_from_step,
         "val_accuracy": result.val_accuracy,
+    }, {  # the run report's part (pipeline/runinfo.py): how this computation went
+        "resumed_from_step": result.resumed_from_step,
         "wall_time_s": result.wall_time_s,
-        **result.usage(),  # device_hours, device_kind, step_time (per-rank medians, slowest rank)
-        "is_global_zero": result.is_global_zero,
+        **result.usage(),  # device_hours, device_kind, step_time (per-rank medians, slowest rank), images_per_s
+        "checkpoints": checkpoints,
     }, result
 
 
@@ -88,24 +91,29 @@ def run(cfg: Config) -> dict:
           f"(labels_per_class={cfg.finetune.labels_per_class})")
     variants = ["finetuned", "scratch"] if cfg.finetune.train_scratch_baseline else ["finetuned"]
     trained = {v: _train_variant(cfg, v, backbone, data, train, val) for v in variants}
-    summary = {
+    summary = {  # summary.json in the output: a pure function of code, params and data
         "stage": "finetune",
         "data_version": data.manifest["data_version"],
         "classes": data.class_names,
         "labelled_images": train.samples,
         "labels_per_class": cfg.finetune.labels_per_class,
-        **{v: {k: val for k, val in info.items() if k != "is_global_zero"} for v, (_, info, _) in trained.items()},
-        "wall_time_s": round(sum(info["wall_time_s"] for _, info, _ in trained.values()), 3),
-        "device_hours": round(sum(info["device_hours"] for _, info, _ in trained.values()), 6),
-        "device_kind": trained["finetuned"][1]["device_kind"],
+        **{v: info for v, (_, info, _, _) in trained.items()},
     }
-    if not trained["finetuned"][1]["is_global_zero"]:
-        return summary
+    usage = {  # the run report: per variant, and in total
+        **{v: run for v, (_, _, run, _) in trained.items()},
+        "wall_time_s": round(sum(run["wall_time_s"] for _, _, run, _ in trained.values()), 3),
+        "device_hours": round(sum(run["device_hours"] for _, _, run, _ in trained.values()), 6),
+        "device_kind": trained["finetuned"][2]["device_kind"],
+    }
+    merged = {**summary, **usage, **{v: {**summary[v], **usage[v]} for v in trained}}
+    if not trained["finetuned"][3].is_global_zero:
+        return merged
     with storage.staged_output(cfg.paths.uri("finetune")) as out:
-        for variant, (module, _, result) in trained.items():
+        for variant, (module, _, _, result) in trained.items():
             publish_curves(result, out / CURVES_DIR / variant)  # DVCLive's folder per variant: dvc.yaml `plots:`
             save_classifier(module, data.class_names, out / f"{variant}{BUNDLE_SUFFIX}", data.manifest.get("transform"))
         storage.write_json(str(out / "summary.json"), summary)
+    write_usage(cfg, "finetune", usage)
     print(f"[finetune] done: " + ", ".join(f"{v} val/acc {info['val_accuracy']}" if info["val_accuracy"] is None
-                                          else f"{v} val/acc {info['val_accuracy']:.4f}" for v, (_, info, _) in trained.items()))
-    return summary
+                                          else f"{v} val/acc {info['val_accuracy']:.4f}" for v, (_, info, _, _) in trained.items()))
+    return merged

@@ -26,6 +26,7 @@ from pipeline.models.bundle import BACKBONE_FILE, save_backbone
 from pipeline.models.classifier import Classifier
 from pipeline.models.contrastive import ContrastivePretrainer
 from pipeline.optim import effective_lr
+from pipeline.runinfo import write_usage
 from pipeline.training import CURVES_DIR, checkpoint_dir_for, fit, publish_curves, steps_per_epoch, world_size
 
 
@@ -59,22 +60,24 @@ def run(cfg: Config) -> dict:
     checkpoints = checkpoint_dir_for(cfg.paths.uri("checkpoints"), "pretrain", fingerprint)
     result = fit(module, train, val, cfg.pretrain, cfg.trainer, checkpoints, total_steps,
                  label="pretrain", seed=cfg.seed, monitor_best=True, cache_mb=cfg.data.cache_mb)
-    summary = {
+    summary = {  # summary.json in the output: a pure function of code, params and data
         "stage": "pretrain",
         "objective": cfg.pretrain.objective,
         "corpus_version": corpus.manifest["data_version"],
         "corpus_source": corpus.manifest["source"],
         "steps": result.steps,
-        "resumed_from_step": result.resumed_from_step,
         "world_size": world,
         "global_batch": global_batch,
         "best_val_accuracy": result.best_score,  # simclr: label-free pair-retrieval accuracy
+    }
+    usage = {  # the run report (pipeline/runinfo.py): how this computation went
+        "resumed_from_step": result.resumed_from_step,
         "wall_time_s": result.wall_time_s,
-        **result.usage(),  # device_hours, device_kind, step_time (per-rank medians, slowest rank)
+        **result.usage(),  # device_hours, device_kind, step_time (per-rank medians, slowest rank), images_per_s
         "checkpoints": checkpoints,
     }
     if not result.is_global_zero:
-        return summary  # rank 0 alone publishes outputs
+        return {**summary, **usage}  # rank 0 alone publishes outputs
     if result.best_path:
         state = torch.load(io.BytesIO(storage.read_bytes(result.best_path)), map_location="cpu", weights_only=False)
         module.load_state_dict(state["state_dict"])
@@ -86,6 +89,7 @@ def run(cfg: Config) -> dict:
         }, out / BACKBONE_FILE)
         storage.write_json(str(out / "summary.json"), summary)
         publish_curves(result, out / CURVES_DIR)  # DVCLive's folder: dvc.yaml `plots:`, pipeline/curves.py
+    write_usage(cfg, "pretrain", usage)
     best = "n/a (resumed at the end: nothing left to validate)" if result.best_score is None else f"{result.best_score:.4f}"
     print(f"[pretrain] done: {result.steps} steps, best source val/acc {best}")
-    return summary
+    return {**summary, **usage}

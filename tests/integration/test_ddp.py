@@ -58,8 +58,9 @@ def test_two_node_ddp_pretrain(workdir):
     assert (workdir / "models" / "pretrain" / "_COMPLETE").exists()
     assert (workdir / "models" / "pretrain" / "backbone.safetensors").exists()
 
-    # Per-rank step times: each rank measured its own, rank 0 gathered them and names the slowest.
-    timing = summary["step_time"]
+    # Per-rank step times: each rank measured its own, rank 0 gathered them and names the slowest (run report).
+    usage = json.loads((workdir / "reports" / "usage" / "pretrain.json").read_text())
+    timing = usage["step_time"]
     assert len(timing["per_rank_ms"]) == 2 and all(ms > 0 for ms in timing["per_rank_ms"]), timing
     assert timing["slowest_rank"] in (0, 1) and timing["slowest_ratio"] >= 1.0
     assert timing["per_rank_ms"][timing["slowest_rank"]] == max(timing["per_rank_ms"])
@@ -68,8 +69,8 @@ def test_two_node_ddp_pretrain(workdir):
     assert line, rank0_out
     assert int(line.group(2)) == timing["slowest_rank"]
     assert "step time:" not in outputs[1][1]  # one report, from rank 0
-    assert summary["device_kind"] == "cpu"
-    assert summary["device_hours"] == pytest.approx(summary["wall_time_s"] * 2 / 3600, abs=2e-6)  # two processes
+    assert usage["device_kind"] == "cpu"
+    assert usage["device_hours"] == pytest.approx(usage["wall_time_s"] * 2 / 3600, abs=2e-6)  # two processes
 
     # Curves: rank 0 alone writes them, every logged step once.
     logged = (workdir / "models" / "pretrain" / "curves" / "plots" / "metrics" / "train" / "step" / "loss.tsv")

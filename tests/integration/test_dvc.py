@@ -71,8 +71,8 @@ def test_dvc_repro_runs_each_stage_once_and_only_what_changed(tmp_path):
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
     assert {"test", "scratch", "transfer_gain"} <= set(metrics)
     assert (project / "dvc.lock").exists()
-    card = json.loads((project / "models" / "release" / "model_card.json").read_text())
-    assert card["git_commit"] and re.fullmatch(r"[0-9a-f]{40}(-dirty)?", card["git_commit"])
+    report = json.loads((project / "reports" / "usage" / "evaluate.json").read_text())  # the run report
+    assert report["git_commit"] and re.fullmatch(r"[0-9a-f]{40}(-dirty)?", report["git_commit"])
     shown = json.loads(_run([DVC, "metrics", "show", "--json"], project).stdout)
     assert json.dumps(shown).count('"accuracy"') >= 2  # DVC reads test.accuracy and scratch.test.accuracy
 

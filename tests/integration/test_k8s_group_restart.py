@@ -218,7 +218,9 @@ def _pretrain(standin, tmp_path: Path, s3, name: str, evict_rank: int | None) ->
         measured["evicted_at"] = evicted_at
     thread.join(600)
     assert "code" in outcome, outcome
-    summary = json.loads(s3.fs.cat_file(f"{root}/models/pretrain/summary.json"))
+    # The stage's output summary, and its run report (resumes, timings: never part of a DVC output).
+    summary = {**json.loads(s3.fs.cat_file(f"{root}/models/pretrain/summary.json")),
+               **json.loads(s3.fs.cat_file(f"{root}/reports/usage/pretrain.json"))}
     weights = load_backbone(f"{root}/models/pretrain/backbone.safetensors")
     return dict(code=outcome["code"], text=log.text(), log=log, summary=summary, weights=weights["backbone"],
                 launcher=launcher, **measured)

@@ -53,7 +53,9 @@ def _run_and_evict(standin, tmp_path, s3, nodes: int, evict_index: int) -> tuple
                   if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == str(evict_index))
     standin.evict(victim["metadata"]["name"])
     thread.join(300)
-    summary = json.loads(s3.fs.cat_file(f"{root}/models/pretrain/summary.json"))
+    # The stage's output summary, and its run report (resumes, timings: never part of a DVC output).
+    summary = {**json.loads(s3.fs.cat_file(f"{root}/models/pretrain/summary.json")),
+               **json.loads(s3.fs.cat_file(f"{root}/reports/usage/pretrain.json"))}
     return outcome.get("code"), log.text(), summary, launcher
 
 

@@ -92,7 +92,7 @@ def test_mixed_sizes_and_modes(tmp_path: Path, capsys):
     assert total == summary["images"] == 15 and summary["decoded"] == 15 and summary["reused"] == 0
     assert summary["shards"] == 3 and summary["classes"] == 3
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith("[prepare] 15 images, 3 classes, splits {") and manifest["data_version"] in last
+    assert last.startswith("[prepare] 15 images, 3 classes, 16 px, splits {") and manifest["data_version"] in last
     assert manifest["data_version"] == content_id(str(source), "data", tiny_config(tmp_path / "run"))
 
 
@@ -105,7 +105,7 @@ def test_every_problem_in_one_error_and_nothing_published(tmp_path: Path):
     write_photo(source / "pair" / "a.png", seed=1)
     write_photo(source / "pair" / "b.png", seed=2)
     with pytest.raises(DataError) as err:
-        prepare.run(tiny_config(tmp_path / "run", f"data.source={source}"))
+        prepare.run(tiny_config(tmp_path / "run", f"data.source={source}", "data.image_size=8"))
     problems = err.value.problems
     for name, what in [("digit0/cut.jpg", "unreadable or corrupt"), ("digit1/notes.png", "not an image"),
                        ("digit1/tiny.png", "5x5 px"), ("pair", "2 image(s); need at least 3")]:
@@ -117,7 +117,7 @@ def test_every_problem_in_one_error_and_nothing_published(tmp_path: Path):
 
 def test_bad_data_never_replaces_the_previous_output(tmp_path: Path):
     source = make_image_folder(tmp_path / "images", classes=3, per_class=10)
-    cfg = tiny_config(tmp_path / "run", f"data.source={source}")
+    cfg = tiny_config(tmp_path / "run", f"data.source={source}", "data.image_size=8")
     prepare.run(cfg)
     prepared = tmp_path / "run" / "data" / "prepared"
     before = {p: p.read_bytes() for p in sorted(prepared.rglob("*")) if p.is_file()}
@@ -133,7 +133,7 @@ def test_truncated_file_alone_fails_after_decoding(tmp_path: Path):
     jpeg = write_photo(source / "digit1" / "cut.jpg", size=(64, 48))
     jpeg.write_bytes(jpeg.read_bytes()[:len(jpeg.read_bytes()) // 2])
     with pytest.raises(DataError) as err:
-        prepare.run(tiny_config(tmp_path / "run", f"data.source={source}"))
+        prepare.run(tiny_config(tmp_path / "run", f"data.source={source}", "data.image_size=8"))
     assert len(err.value.problems) == 1 and f"{source}/digit1/cut.jpg" in err.value.problems[0]
     assert not (tmp_path / "run" / "data" / "prepared").exists()
 
@@ -202,7 +202,10 @@ def test_large_photos_at_a_small_size_warn(tmp_path: Path, capsys):
     for cls in ("a", "b"):
         for i in range(6):
             write_photo(source / cls / f"{i}.jpg", size=(64, 48), seed=i)
-    prepare.run(tiny_config(tmp_path / "run", f"data.source={source}"))
+    # data.image_size auto: their own size, no downscale, no warning.
+    assert prepare.run(tiny_config(tmp_path / "run", f"data.source={source}"))["image_size"] == 48
+    assert "warning" not in capsys.readouterr().out
+    prepare.run(tiny_config(tmp_path / "run", f"data.source={source}", "data.image_size=8"))
     assert ("images are ~48 px, resized down to 8 px (data.image_size); photos want e.g. "
             "--set data.image_size=224 --set data.channels=3") in capsys.readouterr().out
     prepare.run(tiny_config(tmp_path / "run", f"data.source={source}", "data.image_size=16"))

@@ -75,7 +75,8 @@ def test_stages_on_s3_source_artifacts_checkpoints_and_resume(s3, tmp_path, caps
     assert f"resuming from {checkpoint} at step {stopped_at}" in resumed.stdout
     steps = [int(m.group(1)) for m in map(STEP_LINE.match, resumed.stdout.splitlines()) if m]
     summary = storage.read_json(storage.join(root, "models", "pretrain", "summary.json"))
-    assert steps[0] == stopped_at + 1 and steps[-1] == summary["steps"] and summary["resumed_from_step"] == stopped_at
+    usage = storage.read_json(storage.join(root, "reports", "usage", "pretrain.json"))  # the run report
+    assert steps[0] == stopped_at + 1 and steps[-1] == summary["steps"] and usage["resumed_from_step"] == stopped_at
 
     stage_runner("finetune")(cfg)
     stage_runner("evaluate")(cfg)
@@ -89,7 +90,7 @@ def test_stages_on_s3_source_artifacts_checkpoints_and_resume(s3, tmp_path, caps
     metrics = storage.read_json(storage.join(root, "reports", "metrics.json"))
     assert {"test", "scratch", "transfer_gain"} <= set(metrics)
     card = storage.read_json(storage.join(root, "models", "release", "model_card.json"))
-    assert card["data_source"] == source and card["params"]["paths"]["root"] == root
+    assert card["data_source"] == source and "paths" not in card["params"]  # where a run writes: not lineage
     # The secret key is in this process's environment and the stages' and never anywhere else.
     s3.assert_no_secret(first, interrupted, resumed.stdout, resumed.stderr, logs.out, logs.err,
                         *(storage.read_bytes(s3.uri(k)).decode("latin-1") for k in keys))

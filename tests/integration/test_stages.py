@@ -14,6 +14,7 @@ from pipeline.config import Config
 from pipeline.data.prepared import load_prepared
 from pipeline.data.shards import read_shard
 from pipeline.errors import DataError
+from pipeline.model_card import with_run_report
 from pipeline.models.bundle import load_backbone, load_classifier
 from pipeline.models.classifier import Classifier
 from pipeline.stages import STAGES, stage_runner
@@ -95,7 +96,8 @@ def test_pretrain_trains_the_configured_steps(tiny_run):
     assert train_images == 10 * cfg.pretrain.glyphs_per_class * 9 // 10  # a tenth of the glyphs is held out
     expected = cfg.pretrain.epochs * steps_per_epoch(train_images, cfg.pretrain, 1)
     assert summary["steps"] == expected == results["pretrain"]["steps"]
-    assert summary["resumed_from_step"] == 0 and summary["world_size"] == 1
+    assert summary["world_size"] == 1 and "resumed_from_step" not in summary  # a run fact: the run report's
+    assert _json(root / "reports/usage/pretrain.json")["resumed_from_step"] == 0 == results["pretrain"]["resumed_from_step"]
     assert 0.0 <= summary["best_val_accuracy"] <= 1.0
     backbone = load_backbone(str(out / "backbone.safetensors"))
     assert backbone["image_shape"] == [1, 8, 8]
@@ -173,12 +175,17 @@ def test_model_card_records_lineage(tiny_run):
     assert (release / "_COMPLETE").exists() and (release / "finetuned.safetensors").exists()
     card = _json(release / "model_card.json")
     assert card["data_version"] == _json(root / "data/prepared/manifest.json")["data_version"]
-    assert "git_commit" in card
-    assert card["params"] == cfg.model_dump(mode="json")
+    assert card["params"] == cfg.model_dump(mode="json", exclude={"paths"})  # where a run writes: not lineage
     assert card["metrics"] == _json(root / "reports/metrics.json")
-    assert set(card["wall_time_s"]) == set(STAGES)
-    assert all(isinstance(t, (int, float)) and t >= 0 for t in card["wall_time_s"].values())
-    assert card["hardware"]["torch"] == torch.__version__ and card["hardware"]["python"]
+    # Run facts are the run report's (not in the release: recomputing it gives the same bytes); merged, the card
+    # shows them (what promotion keeps in the registry).
+    assert not {"git_commit", "wall_time_s", "hardware", "created_at"} & set(card)
+    report = _json(root / "reports/usage/evaluate.json")
+    merged = with_run_report(card, report)
+    assert "git_commit" in merged and merged["created_at"]
+    assert set(merged["wall_time_s"]) == set(STAGES)
+    assert all(isinstance(t, (int, float)) and t >= 0 for t in merged["wall_time_s"].values())
+    assert merged["hardware"]["torch"] == torch.__version__ and merged["hardware"]["python"]
     assert card["task"]["labels_per_class"] == cfg.finetune.labels_per_class
     module, classes = load_classifier(str(release / "finetuned.safetensors"))
     assert len(classes) == 10

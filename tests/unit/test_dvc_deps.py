@@ -183,7 +183,7 @@ def test_a_missing_param_is_named_with_its_stage_and_where_it_is_read():
     stages = _stages()
     stages["corpus"]["params"].remove("data.num_workers")
     assert missing_params(stages, "corpus") == [
-        "stage 'corpus' reads config key data.num_workers (pipeline/data/ingest.py:66) but dvc.yaml does not "
+        "stage 'corpus' reads config key data.num_workers (pipeline/data/ingest.py:71) but dvc.yaml does not "
         "list it: add `- data.num_workers` (or its section) to stages.corpus.params"]
 
 

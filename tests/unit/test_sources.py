@@ -182,8 +182,18 @@ def test_every_problem_reported_in_one_scan(tmp_path: Path, cfg):
 
 def test_min_image_size_is_configurable(tmp_path: Path):
     root = make_image_folder(tmp_path / "d", classes=2, per_class=3)
+    write_png(root / "digit0" / "big.png", np.zeros((9, 9), dtype=np.uint8))  # one usable image: lines per file
     problems = _problems(root, tiny_config(tmp_path, "data.min_image_size=9"))
-    assert len(problems) == 6 and all("shorter side below data.min_image_size=9" in p for p in problems)
+    small = [p for p in problems if "shorter side below data.min_image_size=9" in p]
+    assert len(small) == 6 and all("8x8 px" in p for p in small)
+
+
+def test_all_images_below_min_image_size_is_one_message_naming_the_setting(tmp_path: Path):
+    root = make_image_folder(tmp_path / "d", classes=2, per_class=3)
+    problems = _problems(root, tiny_config(tmp_path, "data.min_image_size=9"))
+    assert problems == [f"{root}: all 6 image(s) have a shorter side below data.min_image_size=9 px (the largest "
+                        "is 8 px); lower data.min_image_size to 8 if that resolution is what you want to train on, "
+                        "or use larger images"]
 
 
 # ---------------------------------------------------------------- splits
