@@ -85,8 +85,7 @@ def main() -> None:
             env = standin.lend_s3(type("S3", (), {"endpoint": f"http://127.0.0.1:{port}"})())
             cfg = KubernetesLaunchConfig(namespace="ml", image="registry.example/pipeline:bench", nodes=2,
                                          poll_seconds=0.5, log_dir=str(Path(scratch) / "logs"),
-                                         termination_grace_seconds=args.grace, max_restarts=2,
-                                         pending_timeout_seconds=max(300, int(args.pull * 4)))
+                                         termination_grace_seconds=args.grace, max_restarts=2)
             launcher, log, outcome = KubernetesLauncher(cfg, standin.api_client()), Lines(), {}
             command = StageCommand("pretrain", [p for s in sets for p in ("--set", s)], env, "bench-evict")
             thread = threading.Thread(target=lambda: outcome.update(code=launcher.run(command, log)))

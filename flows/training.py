@@ -22,6 +22,7 @@ from prefect.states import Completed, State
 from flows import stage_cache
 from flows import workspace as wsmod
 from flows.dag import stage_order, upstream_stages
+from flows.kubernetes_runs import delete_jobs_hook, prepare_namespace
 from flows.parameters import TrainingParameters
 from flows.progress import StageProgress
 from flows.promotion import LAST_EVALUATED, champion_pointer, decide
@@ -226,45 +227,13 @@ def _publish_curves(release: str, points_per_series: int = 6) -> None:
                              markdown=markdown)
 
 
-def _delete_kubernetes_jobs(flow, flow_run, state) -> None:
-    """on_cancellation / on_crashed: no GPU pod may outlive its flow run."""
-    params = TrainingParameters.model_validate(flow_run.parameters.get("params") or {})
-    if params.launcher != "kubernetes":
-        return
-    from pipeline.launch import kubernetes
-    from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
-
-    namespace = KubernetesLaunchConfig.from_env().namespace
-    kubernetes.delete_jobs_for_run(str(flow_run.id), namespace, kubernetes.default_api_client())
-
-
-def _clean_orphans(params: TrainingParameters) -> None:
-    """Jobs left by flow runs that crashed without their hooks running (worker lost, OOM-killed)."""
-    if params.launcher != "kubernetes":
-        return
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
-    from prefect.client.schemas.objects import StateType
-
-    from pipeline.launch import kubernetes
-    from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
-
-    alive_states = [StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED, StateType.CANCELLING, StateType.PAUSED]
-    with get_client(sync_client=True) as client:
-        alive = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=alive_states))))
-    namespace = KubernetesLaunchConfig.from_env().namespace
-    kubernetes.cleanup_orphans(namespace, [str(run.id) for run in alive], kubernetes.default_api_client(),
-                               log=get_run_logger().info)
-
-
 def _run_name() -> tuple[str, str]:
     ctx = get_run_context()
     run = ctx.flow_run
     return str(run.id), f"{time.strftime('%Y%m%d-%H%M%S')}-{run.name}"
 
 
-@flow(name="train", log_prints=True, on_cancellation=[_delete_kubernetes_jobs], on_crashed=[_delete_kubernetes_jobs])
+@flow(name="train", log_prints=True, on_cancellation=[delete_jobs_hook], on_crashed=[delete_jobs_hook])
 def train(params: TrainingParameters = TrainingParameters()) -> dict:
     """Version the data, run prepare -> pretrain -> finetune -> evaluate, then the promotion gate."""
     logger = get_run_logger()
@@ -275,7 +244,7 @@ def train(params: TrainingParameters = TrainingParameters()) -> dict:
         _check_kubernetes_storage(cfg, project)  # before any Job: a GPU hour must not end in "no credentials"
         for stage in TRAINING_STAGES:  # nor a stage shape that contradicts the overlay (exit 2)
             kubernetes_launch_config(params, stage)
-    _clean_orphans(params)
+    prepare_namespace(params, run_id)  # a rescheduled attempt's old Jobs stopped; orphans of dead runs gone
     ws = wsmod.create_workspace(project, _runs_dir(cfg, project) / run_name, params.overrides(),
                                 dvc_remote=cfg.paths.project_uri("dvc_remote", project))
     data = version_data(ws, cfg)

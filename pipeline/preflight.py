@@ -14,14 +14,20 @@ import torch
 
 from pipeline.config import TrainerConfig
 
-RENDEZVOUS_TIMEOUT_S = float(os.environ.get("PIPELINE_RENDEZVOUS_TIMEOUT_S", "120"))
+RENDEZVOUS_TIMEOUT_S = 120.0
+"""Default wait for rank 0. On Kubernetes the launcher sets PIPELINE_RENDEZVOUS_TIMEOUT_S from its
+startup_timeout_seconds (rank 0's pod may still be pulling its image or waiting for a new GPU node)."""
+
+
+def rendezvous_timeout() -> float:
+    return float(os.environ.get("PIPELINE_RENDEZVOUS_TIMEOUT_S") or RENDEZVOUS_TIMEOUT_S)
 
 
 class PreflightError(RuntimeError):
     """The job's shape or network does not match its configuration (an infrastructure fault)."""
 
 
-def check_distributed(cfg: TrainerConfig, timeout_s: float = RENDEZVOUS_TIMEOUT_S) -> None:
+def check_distributed(cfg: TrainerConfig, timeout_s: float | None = None) -> None:
     problems = []
     expected_world = cfg.num_nodes * cfg.devices
     env_world = os.environ.get("WORLD_SIZE")
@@ -41,7 +47,8 @@ def check_distributed(cfg: TrainerConfig, timeout_s: float = RENDEZVOUS_TIMEOUT_
     if problems:
         raise PreflightError("preflight failed: " + "; ".join(problems))
     if cfg.num_nodes > 1 and node_rank > 0:
-        wait_for_rendezvous(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), timeout_s)
+        wait_for_rendezvous(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                            rendezvous_timeout() if timeout_s is None else timeout_s)
 
 
 def wait_for_rendezvous(host: str, port: int, timeout_s: float) -> None:

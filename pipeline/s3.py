@@ -9,6 +9,10 @@
 
       AWS_ENDPOINT_URL=http://127.0.0.1:5000 python -m pipeline prepare --set paths.root=s3://bucket/run
 
+- Request checksums, too: botocore >= 1.36 adds CRC checksums to uploads, which some S3-compatible
+  stores reject; `AWS_REQUEST_CHECKSUM_CALCULATION=when_required` and
+  `AWS_RESPONSE_CHECKSUM_VALIDATION=when_required` (or the same keys in the profile) turn that off
+  for every client (docs/s3.md). Nothing here passes them: botocore < 1.36 would refuse the keys.
 - Transient errors (timeouts, 5xx, SlowDown/throttling) are retried by botocore with backoff:
   `AWS_MAX_ATTEMPTS` (default here 10, botocore's own is 5) and `AWS_RETRY_MODE` (default here
   `adaptive`: exponential backoff plus client-side rate limiting after throttling). s3fs adds

@@ -1,19 +1,22 @@
 """Reading a stage Job's status: how an attempt ended, which rank was lost and why, why a pod waits.
 
-Pure functions over the official client's V1Job/V1Pod objects, no API calls: the launcher
+Pure functions over the official client's V1Job/V1Pod/CoreV1Event objects, no API calls: the launcher
 (pipeline/launch/kubernetes.py) polls, these decide. An attempt ends in one of three ways:
 done for good (0, or 2 for bad config/data, or a failure no restart can fix), or a rank was lost
-(a cause the launcher restarts the group for), or still running.
+(a cause the launcher restarts the group for), or still running. Before that, StartWatch tells a
+pod that can never start (fail in seconds) from one that is getting there (pull, scale-up), and a
+Job Kueue has not admitted yet.
 """
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Callable
 
 from kubernetes import client as k8s
 
 from pipeline.errors import EXIT_SIGTERM
-from pipeline.launch.k8s_manifests import COMPLETION_INDEX_ANNOTATION, CONTAINER_NAME
+from pipeline.launch.k8s_manifests import COMPLETION_INDEX_ANNOTATION, CONTAINER_NAME, KubernetesLaunchConfig
 
 
 def summary(stage: str, code: int, attempts: int, restarts: list[str]) -> str:
@@ -44,19 +47,6 @@ def rank(pod: k8s.V1Pod | None, job_name: str, pod_name: str | None = None) -> s
         pod_name = pod.metadata.name
     match = re.match(rf"{re.escape(job_name)}-(\d+)-", pod_name or "")
     return match.group(1) if match else "?"
-
-
-def report_waiting(pods: list[k8s.V1Pod], seen: set[tuple[str, str]], log: Callable[[str], None]) -> None:
-    """Say once why a pod is stuck (no GPU node, missing Secret, image pull): else it looks hung."""
-    for pod in pods:
-        reasons = [f"{c.reason}: {c.message}" for c in (pod.status.conditions or [])
-                   if c.status == "False" and c.reason == "Unschedulable"]
-        reasons += [f"{s.state.waiting.reason}: {s.state.waiting.message}"
-                    for s in (pod.status.container_statuses or []) if s.state and s.state.waiting]
-        for reason in reasons:
-            if (pod.metadata.name, reason) not in seen:
-                seen.add((pod.metadata.name, reason))
-                log(f"pod {pod.metadata.name} waiting: {reason}")
 
 
 def exit_code(pod: k8s.V1Pod) -> int | None:
@@ -151,3 +141,200 @@ def finished_at(pod: k8s.V1Pod) -> str:
         if s.state and s.state.terminated and s.state.terminated.finished_at:
             return str(s.state.terminated.finished_at)
     return "~"
+
+
+# ---- a pod on its way to Running: failing, progressing or stalled ----------------------------------------
+FAILING, PROGRESSING, STALLED = "failing", "progressing", "stalled"
+# The kubelet's waiting reasons for a pod that will not start as it is (a bad or unreachable image, no
+# credentials for it, a missing Secret/ConfigMap key in its env).
+FAILING_WAITING = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
+                   "CreateContainerConfigError")
+STARTING_WAITING = ("ContainerCreating", "PodInitializing")  # sandbox, volumes, image pull
+SCALE_UP = ("TriggeredScaleUp", "Nominated")  # cluster-autoscaler, Karpenter: a node is coming for the pod
+NO_SCALE_UP = ("NotTriggerScaleUp",)  # cluster-autoscaler: no node group could fit it
+STARTING_TROUBLE = ("FailedMount", "FailedAttachVolume", "FailedCreatePodSandBox")  # kubelet warnings while creating
+LOG_EVERY = 60.0  # seconds between "still starting" lines for one pod
+
+
+@dataclass(frozen=True)
+class StartState:
+    kind: str  # FAILING, PROGRESSING or STALLED
+    reason: str  # ErrImagePull, TriggeredScaleUp, Unschedulable, ContainerCreating...
+    text: str  # one line naming the reason and the scheduler's, kubelet's or autoscaler's message
+
+
+def _when(event: k8s.CoreV1Event) -> str:
+    return str(event.last_timestamp or event.event_time or event.first_timestamp or "")
+
+
+def _latest(events: list[k8s.CoreV1Event] | None, reasons: tuple[str, ...]) -> k8s.CoreV1Event | None:
+    """The most recent of `events` with one of `reasons` (ties: the later in the list)."""
+    found = [e for e in events or [] if e.reason in reasons]
+    return sorted(found, key=_when)[-1] if found else None
+
+
+def _unschedulable(pod: k8s.V1Pod) -> k8s.V1PodCondition | None:
+    return next((c for c in pod.status.conditions or [] if c.type == "PodScheduled" and c.status == "False"), None)
+
+
+def _waiting(pod: k8s.V1Pod) -> k8s.V1ContainerStateWaiting | None:
+    return next((s.state.waiting for s in pod.status.container_statuses or []
+                 if s.state and s.state.waiting and s.state.waiting.reason), None)
+
+
+def needs_events(pod: k8s.V1Pod) -> bool:
+    """Only the pod's Events tell a scale-up from none possible, a pull from a failing mount, and why a
+    pull is backing off."""
+    waiting = _waiting(pod)
+    return _unschedulable(pod) is not None or (
+        waiting is not None and waiting.reason in (*STARTING_WAITING, "ImagePullBackOff"))
+
+
+def start_state(pod: k8s.V1Pod, events: list[k8s.CoreV1Event] | None, unschedulable_for: float,
+                grace: float) -> StartState:
+    """Why a Pending pod has not started. `events`: the pod's Events, None when they could not be read
+    (an Unschedulable pod is then STALLED: pending_timeout_seconds); `unschedulable_for`: seconds it has been so."""
+    waiting, condition = _waiting(pod), _unschedulable(pod)
+    if waiting is not None and waiting.reason in FAILING_WAITING:
+        text = one_line(f"{waiting.reason}: {waiting.message or ''}").rstrip(": ")
+        failed = _latest(events, ("Failed",)) if waiting.reason == "ImagePullBackOff" else None
+        if failed is not None:  # the back-off's own message names no cause; the last pull's Event does
+            text += f" ({one_line(failed.message)})"
+        return StartState(FAILING, waiting.reason, text)
+    if condition is not None:
+        why = one_line(condition.message or condition.reason or "Unschedulable")
+        scaler = _latest(events, SCALE_UP + NO_SCALE_UP)
+        if scaler is not None and scaler.reason in SCALE_UP:
+            return StartState(PROGRESSING, scaler.reason, f"{why} ({scaler.reason}: {one_line(scaler.message)})")
+        if scaler is not None:
+            return StartState(FAILING, "Unschedulable", f"{why} (Unschedulable; no scale-up possible, "
+                                                        f"{scaler.reason}: {one_line(scaler.message)})")
+        if events is None:  # no way to tell: the limit for a pod without progress
+            return StartState(STALLED, "Unschedulable", f"{why} (its Events are unreadable: scale-up unknown)")
+        if unschedulable_for >= grace:
+            return StartState(FAILING, "Unschedulable", f"{why} (Unschedulable; no cluster-autoscaler scale-up "
+                                                        f"within {grace:g} s)")
+        return StartState(STALLED, "Unschedulable", why)
+    if waiting is not None and waiting.reason in STARTING_WAITING:
+        last = _latest(events, STARTING_TROUBLE + ("Pulling", "Pulled"))
+        if last is not None and last.reason in STARTING_TROUBLE:
+            return StartState(STALLED, last.reason, f"{waiting.reason}: {last.reason}: {one_line(last.message)}")
+        doing = one_line(last.message) if last is not None else (waiting.message or "creating the container")
+        return StartState(PROGRESSING, waiting.reason, f"{waiting.reason}: {doing}")
+    return StartState(STALLED, waiting.reason if waiting else "Pending", pending_reason(pod))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    kind: str  # "cannot start", "startup timeout", "pending timeout", "not admitted"
+    message: str  # one line: stage, rank, pod, reason, message
+
+
+class StartWatch:
+    """Follows one Job's pods from creation to Running; check() returns a Verdict when the stage must fail.
+
+    Limits (KubernetesLaunchConfig): a FAILING state held over two polls and failure_confirm_seconds;
+    a PROGRESSING pod (pulling, scale-up triggered) startup_timeout_seconds after it was first seen; a
+    STALLED one pending_timeout_seconds without progress; a suspended (Kueue-queued) Job
+    admission_timeout_seconds; a Job whose pods are refused (FailedCreate) like a FAILING pod. Each new
+    reason is logged once, then a line every LOG_EVERY seconds.
+    """
+
+    def __init__(self, cfg: KubernetesLaunchConfig, stage: str, job_name: str, log: Callable[[str], None]):
+        self.cfg, self.stage, self.job_name, self.log = cfg, stage, job_name, log
+        self.first: dict[str, float] = {}  # pod -> first seen Pending
+        self.progress: dict[str, float] = {}  # pod -> last seen progressing
+        self.unschedulable: dict[str, float] = {}  # pod -> Unschedulable since
+        self.failing: dict[str, tuple[float, int]] = {}  # pod -> (failing since, polls in a row)
+        self.said: dict[str, tuple[str, float]] = {}  # pod or "job" -> (what was logged, when)
+        self.queued: float | None = None  # suspended (Kueue) since
+        self.created = False  # a pod of the Job has been seen
+        self.no_pod: float | None = None  # unsuspended without any pod since
+        self.refused: tuple[float, int] | None = None  # FailedCreate since, polls in a row
+
+    def _say(self, key: str, what: str, line: str, now: float) -> None:
+        before = self.said.get(key)
+        if before is None or before[0] != what or now - before[1] >= LOG_EVERY:
+            self.said[key] = (what, now)
+            self.log(line)
+
+    def check_job(self, job: k8s.V1Job, pods: list[k8s.V1Pod], events: Callable[[str], list | None],
+                  now: float) -> Verdict | None:
+        """A Job with no pod: suspended (queued by Kueue) at most admission_timeout_seconds; unsuspended, its
+        pods refused (FailedCreate: an unknown runtime class, Pod Security, a quota) fail as a pod would."""
+        suspended = bool(job.spec and job.spec.suspend)
+        if self.queued is not None and not suspended:
+            self.log(f"Job {self.job_name} admitted after {now - self.queued:.0f} s in the queue")
+            self.queued = None
+        if pods:
+            self.created = True
+            return None
+        queue = f" (LocalQueue {self.cfg.queue_name})" if self.cfg.queue_name else ""
+        if suspended:  # queued, or queued again (Kueue preempted it)
+            self.queued = now if self.queued is None else self.queued
+            waited, limit = now - self.queued, self.cfg.admission_timeout_seconds
+            if waited >= limit:
+                return Verdict("not admitted", f"{self.stage}: Job {self.job_name} was not admitted by Kueue{queue} "
+                                               f"within {limit:g} s (admission_timeout_seconds); it stayed suspended")
+            self._say("job", "queued", f"Job {self.job_name} queued{queue}: suspended until Kueue admits it, "
+                                       f"{waited:.0f} s of at most {limit:g} s (admission_timeout_seconds)", now)
+            return None
+        if self.created:
+            return None
+        self.no_pod = now if self.no_pod is None else self.no_pod
+        refused = _latest(events(self.job_name), ("FailedCreate",))
+        who = f"{self.stage}: Job {self.job_name}"
+        if refused is not None:
+            since, polls = self.refused or (now, 0)
+            self.refused = (since, polls + 1)
+            text = f"FailedCreate: {one_line(refused.message)}"
+            if polls + 1 >= 2 and now - since >= self.cfg.failure_confirm_seconds:
+                return Verdict("cannot start", f"{who} cannot create its pods: {text}")
+            self._say("job", text, f"{who} cannot create its pods: {text}", now)
+        elif now - self.no_pod >= self.cfg.pending_timeout_seconds:
+            return Verdict("pending timeout", f"{who} has no pod after {self.cfg.pending_timeout_seconds:g} s")
+        return None
+
+    def check(self, pods: list[k8s.V1Pod], events: Callable[[str], list | None], now: float) -> Verdict | None:
+        """`events(name)`: the Events of the pod `name` (None if unreadable); asked only for pods that need them."""
+        cfg, pending = self.cfg, set()
+        for pod in pods:
+            name = pod.metadata.name
+            if pod.status.phase != "Pending" or pod.metadata.deletion_timestamp:
+                continue
+            pending.add(name)
+            first = self.first.setdefault(name, now)
+            if _unschedulable(pod):
+                unschedulable_for = now - self.unschedulable.setdefault(name, now)
+            else:
+                unschedulable_for = now - self.unschedulable.pop(name, now)  # 0
+            state = start_state(pod, events(name) if needs_events(pod) else [], unschedulable_for,
+                                cfg.scale_up_grace_seconds)
+            who, elapsed = f"{self.stage}: rank {rank(pod, self.job_name)} (pod {name})", now - first
+            if state.kind == FAILING:
+                since_f, polls = self.failing.get(name, (now, 0))  # ErrImagePull <-> ImagePullBackOff: one state
+                self.failing[name] = (since_f, polls + 1)
+                if polls + 1 >= 2 and now - since_f >= cfg.failure_confirm_seconds:
+                    return Verdict("cannot start", f"{who} cannot start: {state.text}")
+                self._say(name, state.text, f"{who} cannot start: {state.text}; the stage fails unless that "
+                                            f"clears within {cfg.failure_confirm_seconds:g} s", now)
+            else:
+                self.failing.pop(name, None)
+            if state.kind == PROGRESSING:
+                self.progress[name] = now
+                if elapsed >= cfg.startup_timeout_seconds:
+                    return Verdict("startup timeout", f"{who} still starting after {cfg.startup_timeout_seconds:g} s "
+                                                      f"(startup_timeout_seconds): {state.text}")
+                self._say(name, state.reason, f"{who} starting ({elapsed:.0f} s of at most "
+                                              f"{cfg.startup_timeout_seconds:g} s): {state.text}", now)
+                continue
+            stuck = now - max(first, self.progress.get(name, first))
+            if stuck >= cfg.pending_timeout_seconds:
+                return Verdict("pending timeout", f"{who} still Pending after {cfg.pending_timeout_seconds:g} s: "
+                                                  f"{state.text}")
+            if state.kind == STALLED and state.reason != "Pending":  # not the moment before scheduling
+                self._say(name, state.text, f"{who} waiting: {state.text}", now)
+        for gone in set(self.first) - pending:  # running, finished or deleted
+            for table in (self.first, self.progress, self.unschedulable, self.failing):
+                table.pop(gone, None)
+        return None

@@ -16,9 +16,15 @@ JobSet's failurePolicy.maxRestarts). Past that it raises StageRestartsExhausted 
 naming the cause and the attempt count, and leaves no Job and no pod. `launcher.restarts` lists
 the causes. Exit 2 is never restarted.
 
-Stuck pods fail fast: a pod still Pending after `pending_timeout_seconds` (unschedulable, image
-pull, missing Secret) deletes the Job and raises StagePendingTimeout with the scheduler's or
-kubelet's own reason.
+Pods that cannot start fail fast; pods on their way get their time (job_status.StartWatch). A pod
+the kubelet cannot start (ErrImagePull, ImagePullBackOff, InvalidImageName, a missing Secret) or
+that no node and no scale-up can take (the cluster-autoscaler's NotTriggerScaleUp, read from the
+pod's Events, or no autoscaler event within scale_up_grace_seconds) raises StageCannotStart within
+seconds (failure_confirm_seconds), naming rank, pod, reason and message; so does a Job whose pods the
+API refuses (FailedCreate: an unknown runtime class, Pod Security). A pod pulling its image or
+waiting for a scale-up it triggered may take startup_timeout_seconds; one Pending without progress,
+pending_timeout_seconds (StagePendingTimeout). A Job Kueue keeps suspended waits at most
+admission_timeout_seconds (StageNotAdmitted). Each deletes the Job first.
 
 API errors are answered as the API means them. 429, 5xx and dropped connections are transient
 (an API server restarting, a rate limit): every request is retried with exponential backoff
@@ -45,9 +51,10 @@ from urllib3.exceptions import HTTPError as TransportError
 
 from pipeline.launch import job_status
 from pipeline.launch.k8s_manifests import (
-    COMPLETION_INDEX_ANNOTATION, CONTAINER_NAME, JOB_LABEL, LABEL_PREFIX, MANAGED_BY, RUN_LABEL,
+    JOB_LABEL, LABEL_PREFIX, MANAGED_BY, RUN_LABEL,
     KubernetesLaunchConfig, label_value, new_job_name, owner_reference, render_job, render_service,
 )
+from pipeline.launch.pod_logs import PodLogStreams
 
 if TYPE_CHECKING:
     from pipeline.launch import StageCommand
@@ -72,8 +79,18 @@ class KubernetesApiUnavailable(RuntimeError):
 
 
 class StagePendingTimeout(KubernetesLaunchError):
-    """A pod stayed Pending past pending_timeout_seconds (no node fits, image pull, missing Secret):
-    the Job is deleted. Not retried by the flow: the same request waits in the same place."""
+    """A pod stayed Pending past its limit: startup_timeout_seconds while pulling or scaling up,
+    pending_timeout_seconds without progress. The Job is deleted. Not retried by the flow: the same
+    request waits in the same place."""
+
+
+class StageCannotStart(StagePendingTimeout):
+    """A pod can never start as it is (bad image, no pull secret, missing Secret, no node and no scale-up
+    for it), seen long enough to be sure; the Job is deleted. Not retried by the flow."""
+
+
+class StageNotAdmitted(KubernetesLaunchError):
+    """Kueue kept the Job suspended past admission_timeout_seconds; the Job is deleted."""
 
 
 class StageRestartsExhausted(KubernetesLaunchError):
@@ -87,6 +104,11 @@ class StageRestartsExhausted(KubernetesLaunchError):
 
 class LaunchCancelled(Exception):
     """cancel() was called; the Job and its pods have been deleted."""
+
+
+VERDICTS = {"cannot start": StageCannotStart, "startup timeout": StagePendingTimeout,
+            "pending timeout": StagePendingTimeout, "not admitted": StageNotAdmitted}
+EVENTS_EVERY = 4.0  # seconds between two reads of one object's Events
 
 
 def _explain(err: ApiException, verb: str, resource: str, namespace: str,
@@ -173,7 +195,8 @@ class KubernetesLauncher:
         self.job_name: str | None = None  # the current (last) attempt's Job
         self.jobs: list[str] = []  # every attempt's Job, in order
         self.restarts: list[str] = []  # why each restart happened, one line each (for the model card)
-        self._streams: _LogStreams | None = None
+        self._streams: PodLogStreams | None = None
+        self._events: dict[str, tuple[float, list | None]] = {}  # pod or Job -> (read at, its Events)
         self.log: Callable[[str], None] = print
 
     def _call(self, verb: str, resource: str, fn: Callable, *args, name: str | None = None, **kwargs):
@@ -256,16 +279,14 @@ class KubernetesLauncher:
                    name=job_name, on_conflict=lambda: None)
 
     def _wait(self, job_name: str, stage: str, log: Callable[[str], None]) -> tuple[int, str | None]:
-        streams = self._streams = _LogStreams(self.core, self.cfg.namespace, Path(self.cfg.log_dir) / job_name, log)
-        waiting_seen: set[tuple[str, str]] = set()
+        streams = self._streams = PodLogStreams(self.core, self.cfg.namespace, Path(self.cfg.log_dir) / job_name, log)
         seen: dict[str, k8s.V1Pod] = {}  # last state of every pod: a lost pod may vanish before the Job fails
-        pending_since: dict[str, float] = {}
+        start, self._events = job_status.StartWatch(self.cfg, stage, job_name, log), {}
         while True:
             pods = self._call("list", "pods", self.core.list_namespaced_pod, self.cfg.namespace,
                               label_selector=f"{JOB_LABEL}={job_name}").items
             seen.update((p.metadata.name, p) for p in pods)
             streams.follow(pods)
-            job_status.report_waiting(pods, waiting_seen, log)
             job = self._call("get", "jobs.batch", self.batch.read_namespaced_job,
                              job_name, self.cfg.namespace, name=job_name)
             outcome = (job_status.outcome(job, list(seen.values()), job_name)
@@ -276,76 +297,30 @@ class KubernetesLauncher:
                     streams.join()
                 log(f"Job {job_name} finished: exit code {code}" + (f" ({cause})" if cause else ""))
                 return outcome
-            self._check_pending(pods, pending_since, stage, job_name)
+            now = time.monotonic()
+            verdict = start.check_job(job, pods, self._events_of, now) or start.check(pods, self._events_of, now)
+            if verdict is not None:
+                raise VERDICTS[verdict.kind](f"{verdict.message}; Job {self.cfg.namespace}/{job_name} deleted")
             if self._cancelled.wait(self.cfg.poll_seconds):
                 raise LaunchCancelled(f"stage Job {self.cfg.namespace}/{job_name} cancelled")
 
-    def _check_pending(self, pods: list[k8s.V1Pod], since: dict[str, float], stage: str, job_name: str) -> None:
-        now, limit = time.monotonic(), self.cfg.pending_timeout_seconds
-        for pod in pods:
-            name = pod.metadata.name
-            if pod.status.phase != "Pending" or pod.metadata.deletion_timestamp:
-                since.pop(name, None)
-                continue
-            started = since.setdefault(name, now)
-            if now - started >= limit:
-                rank = job_status.rank(pod, job_name)
-                raise StagePendingTimeout(
-                    f"{stage}: rank {rank} (pod {name}) still Pending after {limit:g} s: "
-                    f"{job_status.pending_reason(pod)}; Job {self.cfg.namespace}/{job_name} deleted")
-
-
-class _LogStreams:
-    """One thread per pod: follows its log, prefixes `[rank N] `, keeps a copy on disk."""
-
-    def __init__(self, core: k8s.CoreV1Api, namespace: str, folder: Path, log: Callable[[str], None]):
-        self.core, self.namespace, self.folder, self.log = core, namespace, folder, log
-        self.threads: dict[str, threading.Thread] = {}
-        self.lock = threading.Lock()  # one writer at a time for log() and the files
-
-    def follow(self, pods: Iterable[k8s.V1Pod]) -> None:
-        for pod in pods:
-            name = pod.metadata.name
-            if name in self.threads or pod.status.phase not in ("Running", "Succeeded", "Failed"):
-                continue
-            rank = (pod.metadata.annotations or {}).get(COMPLETION_INDEX_ANNOTATION, "?")
-            thread = threading.Thread(target=self._stream, args=(name, rank), daemon=True)
-            self.threads[name] = thread
-            thread.start()
-
-    def _stream(self, pod_name: str, rank: str) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        # Append: a replacement pod (same rank, after preemption) continues the same file.
-        with open(self.folder / f"rank-{rank}.log", "a", encoding="utf-8") as copy:
-            self._emit(copy, f"[rank {rank}] --- pod {pod_name} ---")
-            try:
-                resp = self.core.read_namespaced_pod_log(
-                    pod_name, self.namespace, container=CONTAINER_NAME, follow=True,
-                    _preload_content=False)
-                for line in _lines(resp.stream(4096)):
-                    self._emit(copy, f"[rank {rank}] {line}")
-            except Exception as err:  # a log stream must never take the run down with it
-                self._emit(copy, f"[rank {rank}] log stream ended: {err}")
-
-    def _emit(self, copy, line: str) -> None:
-        with self.lock:
-            copy.write(line + "\n")
-            copy.flush()
-            self.log(line)
-
-    def join(self, timeout: float = 30.0) -> None:
-        for thread in self.threads.values():
-            thread.join(timeout)
-
-
-def _lines(chunks: Iterable[bytes]) -> Iterable[str]:
-    buffer = b""
-    for chunk in chunks:
-        buffer += chunk
-        *complete, buffer = buffer.split(b"\n")
-        yield from (line.decode("utf-8", "replace") for line in complete)
-    if buffer:
-        yield buffer.decode("utf-8", "replace")
+    def _events_of(self, name: str) -> list | None:
+        """Events of the pod or Job `name` (scheduler, kubelet, autoscaler, Job controller), read at most every
+        EVENTS_EVERY s; None when they cannot be read (the Role lacks `list events`, the API keeps failing)."""
+        now, cached = time.monotonic(), self._events.get(name)
+        if cached is not None and now - cached[0] < EVENTS_EVERY:
+            return cached[1]
+        try:
+            items = call_api("list", "events", self.cfg.namespace, self.core.list_namespaced_event,
+                             self.cfg.namespace, field_selector=f"involvedObject.name={name}", attempts=2,
+                             log=self.log).items
+        except (KubernetesLaunchError, KubernetesApiUnavailable) as err:
+            if cached is None or cached[1] is not None:
+                self.log(f"cannot read the Events of {name} ({err}): a scale-up cannot be told from none, so an "
+                         f"Unschedulable pod gets pending_timeout_seconds; grant `list events` ({ROLE_FILE})")
+            items = None
+        self._events[name] = (now, items)
+        return items
 
 
 def delete_job(batch: k8s.BatchV1Api, core: k8s.CoreV1Api, namespace: str, job_name: str,
@@ -365,6 +340,31 @@ def delete_jobs_for_run(run_id: str, namespace: str, api_client: k8s.ApiClient |
                         log: Callable[[str], None] = print) -> list[str]:
     """Delete every stage Job (and Service) of one flow run; returns the Job names."""
     return _delete_where(namespace, api_client, log, lambda labels: labels.get(RUN_LABEL) == label_value(run_id))
+
+
+def job_run_ids(namespace: str, api_client: k8s.ApiClient | None = None,
+                log: Callable[[str], None] = print) -> set[str]:
+    """The flow run ids (label values) that launcher Jobs in `namespace` belong to."""
+    batch = k8s.BatchV1Api(api_client or default_api_client())
+    selector = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
+    jobs = call_api("list", "jobs.batch", namespace, batch.list_namespaced_job, namespace,
+                    label_selector=selector, log=log).items
+    return {(j.metadata.labels or {}).get(RUN_LABEL) for j in jobs} - {None}
+
+
+def stop_jobs_of_run(run_id: str, namespace: str, timeout_s: float, api_client: k8s.ApiClient | None = None,
+                     log: Callable[[str], None] = print) -> list[str]:
+    """Delete the flow run's stage Jobs and wait until they are gone: Foreground deletion keeps a Job until
+    its pods have ended, so afterwards no pod of theirs can write. Raises KubernetesLaunchError past timeout_s."""
+    api = api_client or default_api_client()
+    doomed = delete_jobs_for_run(run_id, namespace, api, log)
+    deadline = time.monotonic() + timeout_s
+    while doomed and label_value(run_id) in job_run_ids(namespace, api, log):
+        if time.monotonic() > deadline:
+            raise KubernetesLaunchError(f"the previous attempt's Jobs {doomed} in {namespace} were still there "
+                                        f"{timeout_s:g} s after their deletion")
+        time.sleep(1.0)
+    return doomed
 
 
 def cleanup_orphans(namespace: str, flow_run_ids_alive: Iterable[str],

@@ -28,7 +28,9 @@ consulted, since it describes a laptop run):
 
 * **Single-process stages** (`prepare`, `evaluate`) get the overlay's `light` profile: 1 node, no
   GPUs, `light.node_selector`/`light.tolerations` (default none: no GPU node is held for them)
-  and `light.*` resources. The user's trainer keys do not apply to them.
+  and `light.*` resources and runtime class (`light.runtime_class_name`, default none: the training
+  pods' `runtime_class_name` would pin them to GPU nodes). `extra_env`, `cluster_domain` and the
+  start-up limits apply to every stage. The user's trainer keys do not apply to them.
 
 Conflicts raise ConfigError (exit 2, never retried by the flow) naming both values, before any
 Job is created: the flow shapes every training stage up front, before prepare's Job.
@@ -71,12 +73,13 @@ def _count(key: str, value: Any) -> int:
 
 
 def light_config(base: KubernetesLaunchConfig) -> KubernetesLaunchConfig:
-    """The single-process profile: one pod, no GPUs, the overlay's `light` placement and resources."""
+    """The single-process profile: one pod, no GPUs, the overlay's `light` placement, resources and runtime class."""
     light = base.light
     return base.model_copy(update={
         "nodes": 1, "gpus_per_node": 0, "node_selector": dict(light.node_selector),
         "tolerations": list(light.tolerations), "cpu_request": light.cpu_request, "cpu_limit": light.cpu_limit,
-        "memory_request": light.memory_request, "memory_limit": light.memory_limit, "shm_size": light.shm_size})
+        "memory_request": light.memory_request, "memory_limit": light.memory_limit, "shm_size": light.shm_size,
+        "runtime_class_name": light.runtime_class_name})
 
 
 def stage_launch_config(base: KubernetesLaunchConfig, stage: str,

@@ -143,6 +143,8 @@ def field_selector(text: str, resource: str):
         allowed = {"metadata.name", "metadata.namespace"} | (POD_FIELDS if resource == "pods" else set())
         allowed |= {"status.successful"} if resource == "jobs" else set()
         allowed |= {"type"} if resource == "secrets" else set()
+        allowed |= {"involvedObject.name", "involvedObject.kind", "involvedObject.namespace", "involvedObject.uid",
+                    "reason", "type"} if resource == "events" else set()
         if m[1] not in allowed:
             raise ApiError(400, "BadRequest", f'field label not supported: {m[1]}')
         terms.append((m[1], m[2] == "!=", m[3]))

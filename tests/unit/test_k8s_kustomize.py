@@ -82,10 +82,11 @@ def test_worker_and_flow_runs_have_separate_least_privilege_roles():
     assert _rules(docs[("Role", "prefect-worker")]) == {
         ("batch", "jobs"): {"create", "get", "list", "watch", "delete"},
         ("", "pods"): {"get", "list", "watch"}, ("", "pods/log"): {"get"}, ("", "events"): {"create"}}
-    # Flow-run pods: exactly the launcher's calls (create/get/list/delete Jobs, list pods, logs, Services).
+    # Flow-run pods: exactly the launcher's calls (create/get/list/delete Jobs, list pods, logs, Services, and
+    # the Events that tell a pull or a scale-up in progress from a pod that can never start).
     assert _rules(docs[("Role", "pipeline-flow-run")]) == {
         ("batch", "jobs"): {"create", "get", "list", "delete"}, ("", "pods"): {"list"},
-        ("", "pods/log"): {"get"}, ("", "services"): {"create", "delete"}}
+        ("", "pods/log"): {"get"}, ("", "services"): {"create", "delete"}, ("", "events"): {"list"}}
     for role in ("prefect-worker", "pipeline-flow-run"):
         assert not {r for _, r in _rules(docs[("Role", role)])} & {"secrets", "configmaps", "pods/exec"}, role
         binding = docs[("RoleBinding", role)]

@@ -1,0 +1,64 @@
+"""What a flow run owns on Kubernetes, and what it must clean up: no GPU pod outlives its flow run.
+
+- a run that is cancelled or crashes deletes its stage Jobs (the flow's state hooks);
+- a run that starts again (prefect-kubernetes reschedules a flow run whose pod got SIGTERM: same flow
+  run id, a new flow-run pod) first stops what its previous attempt launched, and waits until those
+  pods are gone, so two attempts never write the same outputs;
+- Jobs of flow runs that ended without their hooks running (worker lost, OOM-killed) are deleted: the
+  run ids on the namespace's Jobs are looked up in Prefect, so every such Job is found, however many
+  runs the server holds.
+"""
+from __future__ import annotations
+
+import uuid
+
+from prefect import get_run_logger
+
+from flows.parameters import TrainingParameters
+
+
+def delete_jobs_hook(flow, flow_run, state) -> None:
+    """on_cancellation / on_crashed."""
+    params = TrainingParameters.model_validate(flow_run.parameters.get("params") or {})
+    if params.launcher != "kubernetes":
+        return
+    from pipeline.launch import kubernetes
+    from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
+
+    namespace = KubernetesLaunchConfig.from_env().namespace
+    kubernetes.delete_jobs_for_run(str(flow_run.id), namespace, kubernetes.default_api_client())
+
+
+def prepare_namespace(params: TrainingParameters, run_id: str) -> None:
+    """Before the first stage Job: the previous attempt's Jobs stopped, other runs' orphans deleted."""
+    if params.launcher != "kubernetes":
+        return
+    from pipeline.launch import kubernetes
+    from pipeline.launch.k8s_manifests import KubernetesLaunchConfig, label_value
+
+    cfg, log = KubernetesLaunchConfig.from_env(), get_run_logger().info
+    api = kubernetes.default_api_client()
+    stopped = kubernetes.stop_jobs_of_run(run_id, cfg.namespace, cfg.termination_grace_seconds + 120, api, log)
+    if stopped:
+        log(f"stopped the previous attempt's stage Jobs {stopped} before starting again")
+    others = kubernetes.job_run_ids(cfg.namespace, api, log) - {label_value(run_id)}
+    alive = [run_id, *_alive(others)]
+    kubernetes.cleanup_orphans(cfg.namespace, alive, api, log=log)
+
+
+def _alive(label_values: set[str]) -> list[str]:
+    """Of the flow runs these Job labels name, those Prefect knows and that have not finished."""
+    ids = []
+    for value in label_values:
+        try:
+            ids.append(uuid.UUID(value))
+        except ValueError:
+            continue  # not a flow run id: nothing alive owns it
+    if not ids:
+        return []
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)), limit=len(ids))
+    return [str(run.id) for run in runs if run.state is None or not run.state.is_final()]
