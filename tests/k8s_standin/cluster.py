@@ -37,6 +37,7 @@ class JobState:
     started: float = field(default_factory=time.monotonic)
     finished_at: float | None = None  # when the terminal condition (Complete/Failed) went in: TTL counts from it
     target: dict | None = None  # FailureTarget or SuccessCriteriaMet, once the Job's outcome is decided
+    refused: bool = False  # pod creation refused at admission (reported once, as an Event on the Job)
 
 
 class Cluster:
@@ -165,6 +166,21 @@ class Cluster:
     def _create_pod(self, state: JobState, index: int | None) -> None:
         job = state.obj
         ns, job_name, uid = job["metadata"]["namespace"], job["metadata"]["name"], job["metadata"]["uid"]
+        runtime_class = job["spec"]["template"]["spec"].get("runtimeClassName")
+        if runtime_class and runtime_class not in self.node.runtime_classes:
+            # The RuntimeClass admission plugin refuses the pod; the Job controller reports it on the Job.
+            if not state.refused:
+                state.refused = True
+                self.record_event(ns, {
+                    "apiVersion": "v1", "kind": "Event", "type": "Warning", "reason": "FailedCreate",
+                    "message": f'Error creating: pods "{job_name}-" is forbidden: pod rejected: RuntimeClass '
+                               f'"{runtime_class}" not found',
+                    "metadata": {"name": f"{job_name}.{random_suffix(8)}", "namespace": ns},
+                    "involvedObject": {"apiVersion": "batch/v1", "kind": "Job", "name": job_name, "namespace": ns,
+                                       "uid": uid},
+                    "source": {"component": "job-controller"}, "firstTimestamp": now_iso(),
+                    "lastTimestamp": now_iso(), "count": 1})
+            return
         template = json.loads(json.dumps(job["spec"]["template"]))
         tmeta, spec = template.get("metadata") or {}, template["spec"]
         labels, annotations = dict(tmeta.get("labels") or {}), dict(tmeta.get("annotations") or {})

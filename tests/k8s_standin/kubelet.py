@@ -43,6 +43,8 @@ class NodeSettings:
     pool_labels: dict[str, str] = field(default_factory=dict)
     provision_seconds: float = 0.0
     cluster_domain: str = "cluster.local"
+    # RuntimeClass objects the cluster has: a pod naming another is rejected at admission (no pod).
+    runtime_classes: set[str] = field(default_factory=lambda: {"nvidia"})
 
 
 @dataclass
