@@ -10,7 +10,7 @@ export PREFECT_HOME ?= $(abspath .prefect)
 # The embedded server's telemetry heartbeat only adds "database is locked" noise to SQLite.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup run test ui bench bench-data lint clean image
+.PHONY: setup run test test-fast ui bench bench-data lint clean image
 # The image tests and the stand-in cluster's pods run (`make image`; docs/image.md).
 IMAGE ?= localhost/pipeline:dev
 
@@ -34,6 +34,9 @@ endif
 test: setup image  ## the whole test suite (builds the image its Kubernetes pods run; installs Debian's chromium when root)
 	bash scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup image  ## the fast tier: every test not marked slow (unit tests, launcher and kubectl on the stand-in)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 ui: setup  ## Prefect server + UI on http://127.0.0.1:$${PIPELINE_UI_PORT:-4200} serving the train/retrain deployments; a taken port is exit 2
 	$(BIN)/python -m flows.serve
