@@ -24,6 +24,7 @@ from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
 from pipeline.launch.kubernetes import (
     KubernetesLauncher, StageCannotStart, StageNotAdmitted, StagePendingTimeout,
 )
+from tests.integration.test_k8s_launcher import Lines
 from tests.k8s_standin import StandIn
 from tests.k8s_standin.fixture import FAKE, FAKE_IMAGE, node_settings, wait_for
 
@@ -38,20 +39,6 @@ def standin(request, tmp_path):
                    node=node_settings(**getattr(request, "param", {})))
     yield node
     node.close()
-
-
-class Lines(list):
-    def __init__(self):
-        super().__init__()
-        self.lock = threading.Lock()
-
-    def __call__(self, line: str) -> None:
-        with self.lock:
-            self.append(line)
-
-    def text(self) -> str:
-        with self.lock:
-            return "\n".join(self)
 
 
 def _cfg(tmp_path: Path, **overrides) -> KubernetesLaunchConfig:
