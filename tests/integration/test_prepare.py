@@ -293,10 +293,10 @@ def test_corpus_version_pin(tmp_path: Path):
 @pytest.mark.slow
 def test_s3_source_cached_by_etag_and_decoded_once(s3, tmp_path: Path, capsys, monkeypatch):
     source = s3.upload_image_folder(tmp_path / "images", "source/digits", classes=3, per_class=5)
-    cfg = tiny_config(tmp_path / "a", f"data.source={source}", "data.image_size=12", "data.num_workers=2")
+    cfg = tiny_config(tmp_path / "a", f"data.source={source}", "data.image_size=8", "data.num_workers=2")
     first = prepare.run(cfg)
     assert "15 images, 15 downloaded, 0 from the local cache" in capsys.readouterr().out
-    second = prepare.run(tiny_config(tmp_path / "b", f"data.source={source}", "data.image_size=12"))
+    second = prepare.run(tiny_config(tmp_path / "b", f"data.source={source}", "data.image_size=8"))
     assert "15 images, 0 downloaded, 15 from the local cache" in capsys.readouterr().out
     assert (first["decoded"], second["reused"]) == (15, 15)
     manifest = _json(tmp_path / "a/data/prepared/manifest.json")
@@ -304,7 +304,7 @@ def test_s3_source_cached_by_etag_and_decoded_once(s3, tmp_path: Path, capsys, m
     assert manifest["data_version"] == content_id(str(tmp_path / "images"), "data", cfg)  # same bytes, same id
     # No local caches at all: workers read the objects themselves.
     monkeypatch.setenv("PIPELINE_CACHE_DIR", "off")
-    third = prepare.run(tiny_config(tmp_path / "c", f"data.source={source}", "data.image_size=12",
+    third = prepare.run(tiny_config(tmp_path / "c", f"data.source={source}", "data.image_size=8",
                                     "data.num_workers=2"))
     assert "15 images, 15 downloaded" in capsys.readouterr().out and third["decoded"] == 15
     assert _shard_bytes(tmp_path / "c/data/prepared") == _shard_bytes(tmp_path / "a/data/prepared")
