@@ -31,9 +31,8 @@ else
 	$(BIN)/pipeline run $(ARGS)
 endif
 
-test: setup image  ## the whole test suite (builds the image its Kubernetes pods run; installs Debian's chromium when root)
-	bash scripts/ensure-chromium.sh
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+test:  ## the whole test suite: sets up .venv and builds the image its Kubernetes pods run, side by side (scripts/test.sh)
+	IMAGE=$(IMAGE) PYTEST_ARGS="$(PYTEST_ARGS)" bash scripts/test.sh
 
 test-fast: setup image  ## the fast tier: every test not marked slow (unit tests, launcher and kubectl on the stand-in)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -2,13 +2,14 @@
 # Builds the Dockerfile with buildah (no daemon needed): `make image IMAGE=ref` calls this.
 #
 #   bash scripts/build-image.sh REF          # e.g. localhost/pipeline:dev
+#   bash scripts/build-image.sh --tools      # only install buildah and debootstrap (apt), then exit
 #
 # Base image: BASE_IMAGE when set; else the Dockerfile's pinned digest when a registry answers;
 # else (no registry, as on our CI machines) the local substitute from scripts/image-base.sh,
 # said so on stderr. Layers are cached (`--layers`) and so are pip's downloads (a cache mount):
 # a code-only change rebuilds only the last few small layers. Needs root (chroot isolation).
 set -euo pipefail
-ref=${1:?usage: build-image.sh IMAGE_REF}
+ref=${1:?usage: build-image.sh IMAGE_REF | --tools}
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 
@@ -20,6 +21,7 @@ if [ ${#need[@]} -gt 0 ]; then
   echo "build-image: installing ${need[*]} from Debian"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+[ "$ref" = "--tools" ] && exit 0
 
 pinned=$(sed -n 's/^ARG BASE_IMAGE=//p' Dockerfile)
 base=${BASE_IMAGE:-}
