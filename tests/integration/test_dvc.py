@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import apply_overrides, build_config
+from pipeline.config import apply_overrides, build_config, update_params_file
 from pipeline.stages import STAGES
 from tests.conftest import PYTHON, REPO_ROOT, TINY, subprocess_env
 
@@ -46,16 +46,6 @@ def _repro(cwd: Path) -> tuple[list[str], str]:
     return RAN.findall(done.stdout), done.stdout
 
 
-def _set_param(project: Path, dotted: str, value) -> None:
-    raw = yaml.safe_load((project / "params.yaml").read_text())
-    *parents, leaf = dotted.split(".")
-    node = raw
-    for part in parents:
-        node = node[part]
-    node[leaf] = value
-    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-
-
 @pytest.mark.slow
 def test_dvc_repro_runs_each_stage_once_and_only_what_changed(tmp_path):
     project = tmp_path / "project"
@@ -86,7 +76,7 @@ def test_dvc_repro_runs_each_stage_once_and_only_what_changed(tmp_path):
     assert "up to date" in _run([DVC, "status"], project).stdout
 
     steps_before = json.loads((project / "models" / "finetune" / "summary.json").read_text())["finetuned"]["steps"]
-    _set_param(project, "finetune.epochs", 3)
+    update_params_file(project / "params.yaml", ["finetune.epochs=3"])
     ran, out = _repro(project)
     assert ran == ["finetune", "evaluate"], out
     assert [p.stat().st_mtime_ns for p in outputs[:2]] == stamps[:2]  # prepare's and pretrain's outputs kept
@@ -101,7 +91,7 @@ def test_dvc_repro_runs_each_stage_once_and_only_what_changed(tmp_path):
     # New target data re-runs what the target feeds, never the corpus or pretraining (they have their own key).
     corpus_and_backbone = [project / "data/corpus/manifest.json", outputs[1]]
     kept = [p.stat().st_mtime_ns for p in corpus_and_backbone]
-    _set_param(project, "data.test_fraction", 0.3)
+    update_params_file(project / "params.yaml", ["data.test_fraction=0.3"])
     ran, out = _repro(project)
     assert ran == ["prepare", "finetune", "evaluate"], out
     assert "Stage 'corpus' didn't change" in out and "Stage 'pretrain' didn't change" in out

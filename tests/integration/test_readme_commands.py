@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
+from pipeline.config import update_params_file
 from pipeline.stages import STAGES
 from tests.conftest import PYTHON, REPO_ROOT, subprocess_env, write_png
 from tests.integration.test_dvc import _copy_project
@@ -97,16 +97,6 @@ def _placeholders(project: Path) -> None:
     (project / "registry" / "champion.json").write_text(json.dumps({"run": ARCHIVED_RUN, "release": str(archived)}))
 
 
-def _set_param(project: Path, dotted: str, value) -> None:
-    raw = yaml.safe_load((project / "params.yaml").read_text())
-    *parents, leaf = dotted.split(".")
-    node = raw
-    for part in parents:
-        node = node[part]
-    node[leaf] = value
-    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-
-
 def test_readme_shell_commands_run(tmp_path):
     project = tmp_path / "project"
     project.mkdir()
@@ -148,6 +138,6 @@ def test_readme_shell_commands_run(tmp_path):
     assert sorted(skipped) == sorted(SKIP)
 
     # "or edit params.yaml": a changed param under plain `dvc repro` re-runs finetune and evaluate only.
-    _set_param(project, "finetune.epochs", 3)
+    update_params_file(project / "params.yaml", ["finetune.epochs=3"])
     stages = RAN.findall(_sh("dvc repro", project).stdout)
     assert stages == ["finetune", "evaluate"]
