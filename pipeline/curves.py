@@ -138,12 +138,7 @@ def render_png(curves: Mapping[str, list[Point]], path: str | Path | None = None
             axes.legend()
         else:
             axes.text(0.5, 0.5, "no data", ha="center", va="center", transform=axes.transAxes, color="grey")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    data = buffer.getvalue()
-    if path is not None:
-        Path(path).write_bytes(data)
-    return data
+    return _png(figure, path)
 
 
 def render_confusion_png(csv_path: str | Path, path: str | Path | None = None) -> bytes:
@@ -175,6 +170,11 @@ def render_confusion_png(csv_path: str | Path, path: str | Path | None = None) -
             if count:
                 axes.text(j, i, str(count), ha="center", va="center", fontsize=8,
                           color="white" if count > peak / 2 else "black")
+    return _png(figure, path)
+
+
+def _png(figure, path: str | Path | None) -> bytes:
+    """The figure as PNG bytes, also written to `path` when one is given."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     data = buffer.getvalue()
