@@ -82,7 +82,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         standin = StandIn(Path(scratch) / "pods", node=node_settings(pull_seconds=args.pull, pull_per_pod=True))
         try:
-            env = standin.lend_s3(type("S3", (), {"endpoint": f"http://127.0.0.1:{port}"})())
+            env = standin.lend_s3(f"http://127.0.0.1:{port}")
             cfg = KubernetesLaunchConfig(namespace="ml", image="registry.example/pipeline:bench", nodes=2,
                                          poll_seconds=0.5, log_dir=str(Path(scratch) / "logs"),
                                          termination_grace_seconds=args.grace, max_restarts=2)

@@ -50,7 +50,7 @@ def main() -> None:
         port = free_port()
         moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         moto.start()
-        env = standin.lend_s3(type("S3", (), {"endpoint": f"http://127.0.0.1:{port}"})())
+        env = standin.lend_s3(f"http://127.0.0.1:{port}")
         os.environ.update({**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"})
         import s3fs
         s3fs.S3FileSystem().mkdir("bench-restart")

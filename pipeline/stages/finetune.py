@@ -114,6 +114,6 @@ def run(cfg: Config) -> dict:
             save_classifier(module, data.class_names, out / f"{variant}{BUNDLE_SUFFIX}", data.manifest.get("transform"))
         storage.write_json(str(out / "summary.json"), summary)
     write_usage(cfg, "finetune", usage)
-    print(f"[finetune] done: " + ", ".join(f"{v} val/acc {info['val_accuracy']}" if info["val_accuracy"] is None
+    print("[finetune] done: " + ", ".join(f"{v} val/acc {info['val_accuracy']}" if info["val_accuracy"] is None
                                           else f"{v} val/acc {info['val_accuracy']:.4f}" for v, (_, info, _, _) in trained.items()))
     return merged

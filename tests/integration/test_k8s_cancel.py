@@ -48,7 +48,8 @@ def test_cancel_from_the_api_deletes_job_and_pods(k8s_standin, s3, tmp_path):  #
                   registry=tmp_path / "registry", remote=tmp_path / "dvc-remote")
     set_paths(env.project, runs=env.runs, registry=s3.uri("registry"), dvc_remote=env.remote)
     # The s3 fixture's keys, with moto's address as pods (in their own network) reach it.
-    credentials = {**{k: v for k, v in os.environ.items() if k.startswith("AWS_")}, **k8s_standin.lend_s3(s3)}
+    credentials = {**{k: v for k, v in os.environ.items() if k.startswith("AWS_")},
+                   **k8s_standin.lend_s3(s3.endpoint)}
     k8s.CoreV1Api(k8s_standin.api_client()).create_namespaced_secret("ml-pipeline", k8s.V1Secret(
         metadata=k8s.V1ObjectMeta(name="s3-credentials"), string_data=credentials))
     port = free_port()

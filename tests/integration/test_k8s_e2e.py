@@ -99,7 +99,7 @@ def test_ui_run_through_the_real_worker_trains_promotes_on_s3_and_retrain_launch
     kubeconfig = k8s_standin.write_kubeconfig(tmp_path / "kubeconfig")
     # 1. What an admin applies: namespace, both ServiceAccounts and Roles, worker, ConfigMaps.
     _kubectl(kubeconfig, "apply", "-k", str(REPO_ROOT / "k8s" / "overlays" / "dev"))
-    credentials = k8s_standin.lend_s3(s3)  # the keys, and moto as pods reach it (the node address)
+    credentials = k8s_standin.lend_s3(s3.endpoint)  # the keys, and moto as pods reach it (the node address)
     k8s.CoreV1Api(k8s_standin.api_client()).create_namespaced_secret(NAMESPACE, k8s.V1Secret(
         metadata=k8s.V1ObjectMeta(name="s3-credentials"), string_data=credentials))
 

@@ -29,7 +29,7 @@ def standin_cluster(k8s_standin, flow_env, s3, monkeypatch, tmp_path):  # noqa: 
     monkeypatch.setenv("PIPELINE_K8S_CONFIG", json.dumps({"namespace": "ml-pipeline", "log_dir": str(tmp_path / "pod-logs"),
                                                           "poll_seconds": 0.5}))
     k8s.CoreV1Api(k8s_standin.api_client()).create_namespaced_secret("ml-pipeline", k8s.V1Secret(
-        metadata=k8s.V1ObjectMeta(name="s3-credentials"), string_data=k8s_standin.lend_s3(s3)))
+        metadata=k8s.V1ObjectMeta(name="s3-credentials"), string_data=k8s_standin.lend_s3(s3.endpoint)))
     return k8s_standin
 
 

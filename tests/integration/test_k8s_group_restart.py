@@ -197,7 +197,7 @@ def _pretrain(standin, tmp_path: Path, s3, name: str, evict_rank: int | None) ->
 
     root = s3.uri(name)  # every pod and attempt shares S3, as on a cluster
     sets = [*LONG_TINY, f"paths.root={root}"]
-    pod_env = standin.lend_s3(s3)
+    pod_env = standin.lend_s3(s3.endpoint)
     stage_runner("corpus")(load_config(PARAMS, sets))  # pretrain reads the corpus only
     cfg = KubernetesLaunchConfig(namespace="ml", image="registry.example/pipeline:test", nodes=2,
                                  poll_seconds=0.3, log_dir=str(tmp_path / f"logs-{name}"),

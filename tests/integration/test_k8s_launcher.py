@@ -79,7 +79,7 @@ def test_exit_2_fails_the_job_at_once_without_retry(k8s_standin, tmp_path):
 def test_infra_failures_restart_as_new_attempts_within_max_restarts(k8s_standin, tmp_path, s3):
     launcher = KubernetesLauncher(_cfg(tmp_path, max_restarts=1), k8s_standin.api_client())
     cmd = _cmd(f"crash-once:{s3.uri('marker')}")
-    cmd.env.update(k8s_standin.lend_s3(s3))
+    cmd.env.update(k8s_standin.lend_s3(s3.endpoint))
     assert launcher.run(cmd, Lines()) == 0
     assert len(k8s_standin.processes()) == 2 and len(launcher.jobs) == 2
     assert launcher.restarts == ["rank 0 exited 1 on attempt 1 of 2"]
@@ -116,7 +116,7 @@ def test_evicted_single_pod_restarts_as_a_new_attempt_and_resumes(k8s_standin, t
     launcher = KubernetesLauncher(_cfg(tmp_path, max_restarts=1), k8s_standin.api_client())
     log, outcome = Lines(), {}
     cmd = _cmd(f"steps:15:{checkpoint}")
-    cmd.env.update(k8s_standin.lend_s3(s3))
+    cmd.env.update(k8s_standin.lend_s3(s3.endpoint))
     thread = threading.Thread(target=lambda: outcome.update(code=launcher.run(cmd, log)))
     thread.start()
     _wait_for(lambda: s3.fs.exists(checkpoint) and int(s3.fs.cat_file(checkpoint)) >= 3, "3 steps")

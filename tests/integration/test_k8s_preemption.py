@@ -33,7 +33,7 @@ def _run_and_evict(standin, tmp_path, s3, nodes: int, evict_index: int) -> tuple
     # Shared storage for every pod and attempt is S3, as on a cluster: each pod's own filesystem goes with it.
     root = s3.uri("artifacts")
     sets = [*LONG_TINY, f"paths.root={root}"]
-    pod_env = standin.lend_s3(s3)
+    pod_env = standin.lend_s3(s3.endpoint)
     from pipeline.config import load_config
     from pipeline.stages import stage_runner
     from tests.conftest import PARAMS

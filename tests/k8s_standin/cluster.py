@@ -12,7 +12,6 @@ Service exists, and each Job gets its own free MASTER_PORT (real pods each have 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import threading

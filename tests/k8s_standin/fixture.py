@@ -115,12 +115,12 @@ class StandIn:
         """A host service on 127.0.0.1:port as pods reach it (the node address): `http://10.x.y.1:port`."""
         return f"http://{self.cluster.net.expose(port)}"
 
-    def lend_s3(self, s3) -> dict[str, str]:
-        """The tests' S3 (an S3Env from tests/s3_fixtures.py) as pods reach it: seeds the `s3-credentials`
-        Secret (every namespace) and returns the same variables for a StageCommand's env."""
+    def lend_s3(self, endpoint: str) -> dict[str, str]:
+        """The tests' S3 at `endpoint` (http://127.0.0.1:PORT, moto) as pods reach it: seeds the
+        `s3-credentials` Secret (every namespace) and returns the same variables for a StageCommand's env."""
         from tests.s3_fixtures import AWS_ENV
 
-        port = int(s3.endpoint.rsplit(":", 1)[1])
+        port = int(endpoint.rsplit(":", 1)[1])
         env = {**AWS_ENV, "AWS_ENDPOINT_URL": self.node_url(port)}
         self.cluster.secrets["s3-credentials"] = env
         return env

@@ -11,7 +11,6 @@ host's environment, venv or checkout.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -91,6 +90,7 @@ class Kubelet:
         status, now = pod.obj["status"], time.monotonic()
         if pod.obj["metadata"].get("deletionTimestamp"):
             status["phase"] = "Failed"  # deleted before its container started
+            self.release(pod)  # its sandbox (and a container made for a start that failed) go with it
             return
         if now < pod.next_try:
             return
@@ -312,5 +312,3 @@ def send_signal(pod: Pod, sig: int) -> None:
         except ProcessLookupError:
             pass
 
-
-__all__ = ["Kubelet", "NodeSettings", "Pod", "cstatus", "send_signal", "signal"]
