@@ -55,7 +55,8 @@ def fakes_image() -> str:
 
 def node_settings(**overrides) -> NodeSettings:
     """The default node: the built image under the test repositories, and the fakes image."""
-    images = {**{repo: require_image() for repo in REPOSITORIES}, FAKE_IMAGE.split(":")[0]: fakes_image()}
+    image = require_image()
+    images = {**{repo: image for repo in REPOSITORIES}, FAKE_IMAGE.split(":")[0]: fakes_image()}
     return NodeSettings(**{"images": images, **overrides})
 
 
