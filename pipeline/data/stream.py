@@ -169,40 +169,14 @@ class ShardStream:
         # A cached share streams its first epoch (training starts at once) and keeps what it read; from
         # epoch 1 it is held. By epoch number, not by history: a resumed run takes the same path.
         if mode == "global" or (mode == "cached" and epoch > 0):
-            chunks = self._held_chunks(epoch, skip)
+            batches = self._held_batches(epoch, skip, needed)
         else:
-            chunks = self._chunks(epoch, skip)
-        for images, labels in self._batches(chunks, needed):
+            batches = self._streamed_batches(epoch, skip, needed)
+        for images, labels in batches:
             yield (images if self.uint8 else to_float(images)), labels
 
-    def _batches(self, chunks: Iterator[tuple[torch.Tensor, torch.Tensor]], needed: int):
-        """Cut the chunk stream into batches of `batch_size` (the last one may be short), `needed` samples in all."""
-        left_images, left_labels = None, None  # the start of a batch that spans two chunks
-        while needed > 0:  # checked before pulling: a wrapped-around pass must not start reading for nothing
-            chunk = next(chunks, None)
-            if chunk is None:
-                break
-            images, labels = chunk[0][:needed], chunk[1][:needed]
-            needed -= len(labels)
-            start = 0
-            if left_labels is not None:
-                start = min(self.batch_size - len(left_labels), len(labels))
-                left_images = torch.cat([left_images, images[:start]])
-                left_labels = torch.cat([left_labels, labels[:start]])
-                if len(left_labels) < self.batch_size:
-                    continue
-                yield left_images, left_labels
-                left_images = left_labels = None
-            whole = start + (len(labels) - start) // self.batch_size * self.batch_size
-            for first in range(start, whole, self.batch_size):
-                yield images[first:first + self.batch_size], labels[first:first + self.batch_size]
-            if whole < len(labels):
-                left_images, left_labels = images[whole:], labels[whole:]
-        if left_labels is not None:
-            yield left_images, left_labels
-
     # held modes (global, and cached from its second epoch): each epoch is one permutation of the arrays
-    def _held_chunks(self, epoch: int, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _held_batches(self, epoch: int, skip: int, needed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         rank, world = self._rank_world
         images, labels = self._hold()
         count = len(labels)
@@ -218,9 +192,9 @@ class ShardStream:
                      else np.arange(count))
             if self.shuffle:
                 order = np.resize(order, self._samples_this_rank())
-        index = torch.from_numpy(order[skip:]).to(images.device)
-        for start in range(0, len(index), 8 * self.batch_size):  # gather a few batches at a time
-            part = index[start:start + 8 * self.batch_size]
+        index = torch.from_numpy(order[skip:skip + needed]).to(images.device)
+        for start in range(0, len(index), self.batch_size):
+            part = index[start:start + self.batch_size]
             yield images[part], labels[part]
 
     def _hold(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,11 +227,16 @@ class ShardStream:
         return self._buffer
 
     # stream mode (and a cached share's first epoch): windows of shards in a seeded order, read ahead
-    def _chunks(self, epoch: int, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _streamed_batches(self, epoch: int, skip: int, needed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Each batch is gathered straight from the window's shard arrays: one copy per sample on the way to the
+        batch, and what is in memory is the window, the shards read ahead, and the batch being filled (a batch
+        that spans two windows is finished from the next one after the previous is let go)."""
         rank, world = self._rank_world
         share = deal_shards(self.source.counts, world)[rank]
-        passes = 0
-        while True:  # a share shorter than the epoch wraps around (another pass, another order)
+        channels, height, width = self.source.image_shape
+        batch: tuple[np.ndarray, np.ndarray] | None = None
+        filled = 0
+        for passes in itertools.count():  # a share shorter than the epoch wraps around (another pass, another order)
             rng = np.random.default_rng([self.seed, epoch, rank, passes])
             order = [share[i] for i in rng.permutation(len(share))] if self.shuffle else list(share)
             windows = [order[i:i + WINDOW] for i in range(0, len(order), WINDOW)] if self.shuffle \
@@ -269,18 +248,32 @@ class ShardStream:
                 first += 1
             arrays = self._read_in_order([i for window in windows[first:] for i in window])
             for number, window in enumerate(windows[first:], start=first):
+                if needed <= 0:
+                    arrays.close()  # stops the read-ahead: nothing more is wanted this epoch
+                    return
                 parts = [next(arrays) for _ in window]
                 total = sum(len(labels) for _, labels in parts)
                 order_in = np.random.default_rng([self.seed, epoch, rank, passes, number]).permutation(total) \
                     if self.shuffle else np.arange(total)
                 order_in, skip = order_in[skip:], 0
-                for start in range(0, len(order_in), 8 * self.batch_size):  # gathered a few batches at a time
-                    images, labels = _gather(parts, order_in[start:start + 8 * self.batch_size])
-                    yield torch.from_numpy(images), torch.from_numpy(labels)
-                del parts
-            passes += 1
-            if not self.shuffle:
-                return
+                position = 0
+                while position < len(order_in) and needed > 0:
+                    if batch is None:
+                        size = min(self.batch_size, needed)
+                        batch = np.empty((size, height, width, channels), np.uint8), np.empty(size, np.int64)
+                    take = min(len(batch[1]) - filled, len(order_in) - position)
+                    _gather_into(parts, order_in[position:position + take],
+                                 batch[0][filled:filled + take], batch[1][filled:filled + take])
+                    position, filled, needed = position + take, filled + take, needed - take
+                    if filled == len(batch[1]):
+                        images, labels = batch
+                        batch, filled = None, 0
+                        yield torch.from_numpy(images), torch.from_numpy(labels)
+                del parts  # the window is let go before the next one is taken from the read-ahead
+            if not self.shuffle or needed <= 0:
+                break
+        if batch is not None and filled:  # the data ran out before `needed` (a manifest that overstates nothing)
+            yield torch.from_numpy(batch[0][:filled]), torch.from_numpy(batch[1][:filled])
 
     def _read_in_order(self, indices: list[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Shards' (images, labels) in the given order, fetched and parsed on `readahead` threads ahead of the
@@ -320,15 +313,15 @@ class ShardStream:
                 del arrays
 
 
-def _gather(parts: list[tuple[np.ndarray, np.ndarray]], index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Samples `index` of the parts taken as one array, without concatenating them first."""
-    if len(parts) == 1:
-        return parts[0][0][index], parts[0][1][index]
-    images = np.empty((len(index), *parts[0][0].shape[1:]), np.uint8)
-    labels = np.empty(len(index), np.int64)
+def _gather_into(parts: list[tuple[np.ndarray, np.ndarray]], index: np.ndarray, images: np.ndarray,
+                 labels: np.ndarray) -> None:
+    """Copy samples `index` of the parts, taken as one array, into `images`/`labels`, without concatenating them."""
     start = 0
     for part_images, part_labels in parts:
         mine = (index >= start) & (index < start + len(part_labels))
+        if mine.all():
+            np.take(part_images, index - start, axis=0, out=images)
+            np.take(part_labels, index - start, out=labels)
+            return
         images[mine], labels[mine] = part_images[index[mine] - start], part_labels[index[mine] - start]
         start += len(part_labels)
-    return images, labels
