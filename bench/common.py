@@ -19,14 +19,11 @@ from pipeline.data.tasks import TaskArrays
 from pipeline.data.stream import to_float
 from pipeline.models.augment import random_affine
 from pipeline.models.classifier import Classifier
-from pipeline.optim import effective_lr
-from pipeline.training import steps_per_epoch, world_size
 
 
 def pretrain_classifier(cfg: Config, image_shape: tuple[int, int, int], num_classes: int, total_steps: int,
                         augment: bool = True) -> Classifier:
     """The module pipeline/stages/pretrain.py builds for objective `glyphs`, initialised from `cfg.seed`."""
-    global_batch = cfg.pretrain.batch_size * cfg.pretrain.accumulate_grad_batches * world_size(cfg.trainer)
     torch.manual_seed(cfg.seed)
     return Classifier(
         model=cfg.pretrain.model.model_dump(),
@@ -35,7 +32,7 @@ def pretrain_classifier(cfg: Config, image_shape: tuple[int, int, int], num_clas
         optimizer=cfg.pretrain.optimizer.model_dump(),
         schedule=cfg.pretrain.schedule.model_dump(),
         total_steps=total_steps,
-        lr=effective_lr(cfg.pretrain.optimizer, global_batch),
+        lr=cfg.pretrain.lr(cfg.trainer.world_size),
         channels_last=cfg.trainer.channels_last,
         augment=augment,
     )
@@ -73,7 +70,7 @@ def raw_training_steps(module: Classifier, batches: Iterable, device: torch.devi
 
 
 def pretrain_steps(cfg: Config, train: TaskArrays) -> int:
-    return cfg.pretrain.epochs * steps_per_epoch(len(train.labels), cfg.pretrain, world_size(cfg.trainer))
+    return cfg.pretrain.total_steps(len(train.labels), cfg.trainer.world_size)
 
 
 @contextlib.contextmanager

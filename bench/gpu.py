@@ -46,7 +46,7 @@ from pipeline.config import Config, TrainerConfig, load_config
 from pipeline.data.glyphs import GLYPHS, render_glyphs
 from pipeline.data.tasks import TaskArrays, to_tensor
 from pipeline.models.classifier import Classifier
-from pipeline.training import compile_in_place, fit, stream
+from pipeline.training import FitPlan, compile_in_place, fit, stream
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS_SHAPE = (1, 8, 8)  # builtin:digits, the default data source: what the pretrain stage sees
@@ -108,8 +108,9 @@ def lightning_throughput(name: str, module: L.LightningModule, data: TaskArrays,
     stage = cfg.pretrain.model_copy(update={"batch_size": batch_size, "checkpoint_every_n_steps": warmup + steps + 1})
     probe = ThroughputProbe(warmup, Stopwatch(cuda=True))
     with tempfile.TemporaryDirectory() as checkpoints, quiet():
-        fit(module, data, None, stage, trainer, checkpoints, warmup + steps, label=name, seed=cfg.seed,
-            extra_callbacks=[probe])
+        fit(module, data, None, FitPlan(label=name, stage=stage, trainer=trainer, seed=cfg.seed,
+                                        checkpoint_dir=checkpoints, total_steps=warmup + steps,
+                                        lr=module.hparams.lr, observers=(probe,)))
     return Throughput(name, batch_size, steps, probe.ended - probe.began, peak_gpu_memory_gib())
 
 

@@ -40,7 +40,7 @@ from bench.gpu import ThroughputProbe, peak_gpu_memory_gib
 from pipeline.config import load_config
 from pipeline.data.shards import Sample, SplitShards, samples_per_shard, write_split
 from pipeline.data.stream import InMemorySplit
-from pipeline.training import fit
+from pipeline.training import FitPlan, fit
 
 GOAL = 0.9
 
@@ -105,8 +105,9 @@ def run(cpu: bool, quick: bool, out: Path | None) -> dict:
             probe = ThroughputProbe(size["warmup"], Stopwatch(cuda=on_gpu))
             peak_gpu_memory_gib()
             with tempfile.TemporaryDirectory() as checkpoints, quiet():
-                fit(module, data, None, cfg.pretrain, trainer, checkpoints, total, label=name, seed=cfg.seed,
-                    extra_callbacks=[probe], cache_mb=cfg.data.cache_mb)
+                fit(module, data, None, FitPlan(label=name, stage=cfg.pretrain, trainer=trainer, seed=cfg.seed,
+                                                checkpoint_dir=checkpoints, total_steps=total, lr=module.hparams.lr,
+                                                cache_mb=cfg.data.cache_mb, observers=(probe,)))
             rate = size["steps"] * size["batch"] / (probe.ended - probe.began)
             report["runs"][name] = {"images_per_s": round(rate, 1), "peak_memory_gib": peak_gpu_memory_gib()}
             print(f"  {name:<34}{rate:>10.0f} images/s", flush=True)

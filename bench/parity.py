@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from bench.common import Stopwatch, median, pretrain_classifier, pretrain_steps, quiet, raw_training_steps
 from pipeline.config import Config
 from pipeline.data.tasks import TaskArrays
-from pipeline.training import fit, stream
+from pipeline.training import FitPlan, fit, stream
 
 
 class LossRecorder(Callback):
@@ -62,8 +62,9 @@ def lightning_loop(cfg: Config, train: TaskArrays, image_shape, total_steps: int
     recorder = LossRecorder(clock)
     with tempfile.TemporaryDirectory() as checkpoints, quiet():
         started = clock.now()
-        fit(module, train, None, stage, cfg.trainer, checkpoints, total_steps, label="parity", seed=cfg.seed,
-            extra_callbacks=[recorder])
+        fit(module, train, None, FitPlan(label="parity", stage=stage, trainer=cfg.trainer, seed=cfg.seed,
+                                         checkpoint_dir=checkpoints, total_steps=total_steps, lr=module.hparams.lr,
+                                         observers=(recorder,)))
         seconds = clock.now() - started
     return Run(recorder.losses, seconds, recorder.ended)
 

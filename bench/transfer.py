@@ -8,6 +8,7 @@ target in at most 1/3 of the scratch model's steps.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from unittest import mock
@@ -93,9 +94,9 @@ def measure(cfg: Config, every: int = 1) -> TransferResult:
     test = TaskArrays(to_tensor(held.images), torch.from_numpy(held.labels), data.class_names)
     probes: dict[str, TestAccuracyProbe] = {}
 
-    def probed_fit(*args, label: str, **kwargs):
-        probes[label.split(":")[-1]] = probe = TestAccuracyProbe(test, every)
-        return training.fit(*args, label=label, extra_callbacks=[probe], **kwargs)
+    def probed_fit(module, train, val, plan: training.FitPlan):
+        probes[plan.label.split(":")[-1]] = probe = TestAccuracyProbe(test, every)
+        return training.fit(module, train, val, dataclasses.replace(plan, observers=(*plan.observers, probe)))
 
     # Patch the stage's own reference to fit: the benchmark trains exactly what `finetune` trains.
     with mock.patch.object(finetune, "fit", functools.wraps(training.fit)(probed_fit)), quiet():

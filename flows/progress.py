@@ -1,7 +1,7 @@
 """Live progress of a training stage in the Prefect UI, read from the stage's own output lines.
 
 `run_stage` hands the launcher `StageProgress(...).log` instead of `logger.info`: every line still goes
-to the task's log unchanged, and the lines `pipeline/training.py`'s ProgressLines prints
+to the task's log unchanged, and the lines `pipeline/training/callbacks.py`'s ProgressLines prints
 
     [pretrain] world_size=2 global_rank=0 node_rank=0 start_step=0 total_steps=540
     [pretrain] step 40/540 epoch 1 loss 0.4123 lr 2.1e-03 (12.3 steps/s)

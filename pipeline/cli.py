@@ -10,15 +10,12 @@ import argparse
 import os
 import signal
 import sys
+from pathlib import Path
 from types import FrameType
 
-from pathlib import Path
-
 from pipeline.config import DEFAULT_PARAMS, load_config
-from pipeline.errors import EXIT_SIGTERM, EXIT_USER_ERROR, ConfigError, UserInputError
-from pipeline.preflight import PreflightError
+from pipeline.errors import EXIT_SIGTERM, EXIT_USER_ERROR, ConfigError, PreflightError, Terminated, UserInputError
 from pipeline.stages import STAGES, stage_runner
-from pipeline.training import Terminated
 
 LAUNCH_BASE = "k8s/base/launch-base.json"
 

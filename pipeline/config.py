@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import posixpath
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -123,7 +124,8 @@ class TrainerConfig(_Section):
     precision: Precision = "32-true"
     """`32-true`, `bf16-mixed` (Ampere and newer) or `16-mixed` (with loss scaling)."""
     compile: bool = False
-    """Wrap the model in torch.compile (pays compile time once, faster steps after)."""
+    """torch.compile the model in place, block by block where it has repeated blocks (pays compile time
+    once, faster steps after)."""
     channels_last: bool = False
     """Use channels_last memory format for convolutional backbones (faster on tensor cores)."""
     deterministic: bool = True
@@ -134,6 +136,11 @@ class TrainerConfig(_Section):
     """Threads reading shards ahead of training (at least one is always ahead: 0 means one)."""
     log_every_n_steps: int = Field(10, ge=1)
     """How often progress lines and metrics are logged."""
+
+    @property
+    def world_size(self) -> int:
+        """Processes training together: num_nodes x devices."""
+        return self.num_nodes * self.devices
 
 
 class OptimizerConfig(_Section):
@@ -147,6 +154,13 @@ class OptimizerConfig(_Section):
     """SGD momentum (ignored by AdamW)."""
     reference_batch_size: int | None = Field(None, ge=1)
     """If set, scale `lr` linearly by global_batch / reference_batch_size (large-batch rule)."""
+
+    def scaled_lr(self, global_batch: int) -> float:
+        """The peak learning rate at this global batch: the linear scaling rule (Goyal et al. 2017) when a
+        reference batch size is configured, else `lr` as given."""
+        if self.reference_batch_size is None:
+            return self.lr
+        return self.lr * global_batch / self.reference_batch_size
 
 
 class ScheduleConfig(_Section):
@@ -188,6 +202,24 @@ class _TrainStage(_Section):
     schedule: ScheduleConfig = ScheduleConfig()
     checkpoint_every_n_steps: int = Field(25, ge=1)
     """Resumable checkpoint interval, the most progress a preemption can lose."""
+
+    # Derived values, computed here only: stages, benches and the fit plan call these.
+    def global_batch(self, world: int) -> int:
+        """Samples per optimizer step across all ranks."""
+        return self.batch_size * self.accumulate_grad_batches * world
+
+    def steps_per_epoch(self, samples: int, world: int) -> int:
+        """Optimizer steps per epoch, as Lightning counts them with a DistributedSampler."""
+        batches = math.ceil(math.ceil(samples / world) / self.batch_size)
+        return math.ceil(batches / self.accumulate_grad_batches)
+
+    def total_steps(self, samples: int, world: int) -> int:
+        """The step budget, fixed before training: a resumed run ends exactly where an uninterrupted one does."""
+        return self.epochs * self.steps_per_epoch(samples, world)
+
+    def lr(self, world: int) -> float:
+        """The peak learning rate at this world size (OptimizerConfig.scaled_lr of the global batch)."""
+        return self.optimizer.scaled_lr(self.global_batch(world))
 
 
 def _objective_alias(value: Any) -> Any:

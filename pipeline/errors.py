@@ -1,4 +1,4 @@
-"""Errors that map to the pipeline's exit codes (see DESIGN.md, "Contracts users rely on").
+"""Errors that map to the pipeline's exit codes (README.md, "Exit codes").
 
 Exit 2 means "your configuration or your data is wrong": never retried by the flow,
 never worth a GPU-hour. Every problem is collected and reported at once, each naming
@@ -31,3 +31,15 @@ class ConfigError(UserInputError):
 
 class DataError(UserInputError):
     kind = "data"
+
+
+class Terminated(BaseException):
+    """SIGTERM received; training state was checkpointed. Maps to exit 143.
+
+    Here, not beside the fit driver, so the CLI (and with it every data stage) imports no training code."""
+
+    exit_code = EXIT_SIGTERM
+
+
+class PreflightError(RuntimeError):
+    """The job's shape or network does not match its configuration (an infrastructure fault)."""

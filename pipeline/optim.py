@@ -27,13 +27,6 @@ def param_groups(named_modules: dict[str, tuple[nn.Module, float]], weight_decay
     return groups
 
 
-def effective_lr(cfg: OptimizerConfig, global_batch: int) -> float:
-    """Linear scaling rule (Goyal et al. 2017) when a reference batch size is configured."""
-    if cfg.reference_batch_size is None:
-        return cfg.lr
-    return cfg.lr * global_batch / cfg.reference_batch_size
-
-
 def build_optimizer(cfg: OptimizerConfig, groups: list[dict], lr: float, on_cuda: bool) -> torch.optim.Optimizer:
     for group in groups:
         group["lr"] = lr * group["lr_scale"]

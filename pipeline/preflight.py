@@ -13,6 +13,7 @@ import time
 import torch
 
 from pipeline.config import TrainerConfig
+from pipeline.errors import PreflightError
 
 RENDEZVOUS_TIMEOUT_S = 120.0
 """Default wait for rank 0. On Kubernetes the launcher sets PIPELINE_RENDEZVOUS_TIMEOUT_S from its
@@ -23,13 +24,9 @@ def rendezvous_timeout() -> float:
     return float(os.environ.get("PIPELINE_RENDEZVOUS_TIMEOUT_S") or RENDEZVOUS_TIMEOUT_S)
 
 
-class PreflightError(RuntimeError):
-    """The job's shape or network does not match its configuration (an infrastructure fault)."""
-
-
 def check_distributed(cfg: TrainerConfig, timeout_s: float | None = None) -> None:
     problems = []
-    expected_world = cfg.num_nodes * cfg.devices
+    expected_world = cfg.world_size
     env_world = os.environ.get("WORLD_SIZE")
     if env_world is not None and int(env_world) != expected_world:
         problems.append(f"WORLD_SIZE={env_world} but trainer.num_nodes x trainer.devices = {expected_world}")

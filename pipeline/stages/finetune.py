@@ -22,10 +22,9 @@ from pipeline.data.prepared import PreparedData, load_prepared
 from pipeline.data.stream import InMemorySplit, to_float
 from pipeline.models.bundle import BACKBONE_FILE, SUFFIX as BUNDLE_SUFFIX, load_backbone, save_classifier
 from pipeline.models.classifier import Classifier
-from pipeline.optim import effective_lr
 from pipeline.runinfo import write_usage
 from pipeline.training import (
-    CURVES_DIR, FitResult, checkpoint_dir_for, fit, publish_curves, steps_per_epoch, world_size,
+    CURVES_DIR, FitResult, checkpoint_dir_for, fit, plan_fit, publish_curves,
 )
 
 
@@ -36,11 +35,13 @@ def _train_variant(cfg: Config, variant: str, backbone: dict, data: PreparedData
                    ) -> tuple[Classifier, dict, dict, FitResult]:
     """-> (module, what the output's summary says of it, what the run report says of it, the fit's result)."""
     ft = cfg.finetune
-    world = world_size(cfg.trainer)
     image_shape = data.image_shape
-    total_steps = ft.epochs * steps_per_epoch(train.samples, ft, world)
-    global_batch = ft.batch_size * ft.accumulate_grad_batches * world
     transfer = variant == "finetuned"
+    fingerprint = (cfg.fingerprint("seed", "data", "trainer", "finetune") + backbone["sha256"][:8]
+                   + data.manifest["data_version"][-6:])
+    checkpoints = checkpoint_dir_for(cfg.paths.uri("checkpoints"), f"finetune-{variant}", fingerprint)
+    plan = plan_fit(cfg, ft, train.samples, f"finetune:{variant}", checkpoints,
+                    partly_frozen=transfer and ft.freeze_backbone_epochs > 0)
     torch.manual_seed(cfg.seed)  # the new head's (and scratch's) initial weights: same seed, same metrics
     module = Classifier(
         model=backbone["model"],
@@ -48,8 +49,8 @@ def _train_variant(cfg: Config, variant: str, backbone: dict, data: PreparedData
         num_classes=len(data.class_names),
         optimizer=ft.optimizer.model_dump(),
         schedule=ft.schedule.model_dump(),
-        total_steps=total_steps,
-        lr=effective_lr(ft.optimizer, global_batch),
+        total_steps=plan.total_steps,
+        lr=plan.lr,
         backbone_lr_ratio=ft.backbone_lr_ratio if transfer else 1.0,
         freeze_backbone_epochs=ft.freeze_backbone_epochs if transfer else 0,
         channels_last=cfg.trainer.channels_last,
@@ -61,11 +62,7 @@ def _train_variant(cfg: Config, variant: str, backbone: dict, data: PreparedData
             sample = train if isinstance(train, InMemorySplit) else \
                 data.subset("train", per_class=IMPRINT_MAX_PER_CLASS, seed=cfg.seed)
             module.imprint_head(to_float(torch.as_tensor(sample.images)), torch.as_tensor(sample.labels))
-    fingerprint = (cfg.fingerprint("seed", "data", "trainer", "finetune") + backbone["sha256"][:8]
-                   + data.manifest["data_version"][-6:])
-    checkpoints = checkpoint_dir_for(cfg.paths.uri("checkpoints"), f"finetune-{variant}", fingerprint)
-    result = fit(module, train, val, ft, cfg.trainer, checkpoints, total_steps, label=f"finetune:{variant}", seed=cfg.seed,
-                 partly_frozen=transfer and ft.freeze_backbone_epochs > 0, cache_mb=cfg.data.cache_mb)
+    result = fit(module, train, val, plan)
     return module, {
         "steps": result.steps,
         "val_accuracy": result.val_accuracy,

@@ -25,9 +25,8 @@ from pipeline.errors import DataError
 from pipeline.models.bundle import BACKBONE_FILE, save_backbone
 from pipeline.models.classifier import Classifier
 from pipeline.models.contrastive import ContrastivePretrainer
-from pipeline.optim import effective_lr
 from pipeline.runinfo import write_usage
-from pipeline.training import CURVES_DIR, checkpoint_dir_for, fit, publish_curves, steps_per_epoch, world_size
+from pipeline.training import CURVES_DIR, checkpoint_dir_for, fit, plan_fit, publish_curves
 
 
 def run(cfg: Config) -> dict:
@@ -36,16 +35,18 @@ def run(cfg: Config) -> dict:
         raise DataError(f"pretrain.source {corpus.manifest['source']}: unlabelled images; "
                         "pretrain.objective=supervised needs class folders (use simclr)")
     train, val = corpus.split("train"), corpus.split("val")
-    world = world_size(cfg.trainer)
-    total_steps = cfg.pretrain.epochs * steps_per_epoch(train.samples, cfg.pretrain, world)
-    global_batch = cfg.pretrain.batch_size * cfg.pretrain.accumulate_grad_batches * world
+    # Resumable state belongs to this corpus content at this image shape; the target data plays no part.
+    shape = "x".join(map(str, corpus.image_shape))
+    fingerprint = cfg.fingerprint("seed", "trainer", "pretrain") + f"-{shape}-" + corpus.manifest["data_version"][-6:]
+    checkpoints = checkpoint_dir_for(cfg.paths.uri("checkpoints"), "pretrain", fingerprint)
+    plan = plan_fit(cfg, cfg.pretrain, train.samples, "pretrain", checkpoints, monitor_best=True)
     common = dict(
         model=cfg.pretrain.model.model_dump(),
         image_shape=corpus.image_shape,
         optimizer=cfg.pretrain.optimizer.model_dump(),
         schedule=cfg.pretrain.schedule.model_dump(),
-        total_steps=total_steps,
-        lr=effective_lr(cfg.pretrain.optimizer, global_batch),
+        total_steps=plan.total_steps,
+        lr=plan.lr,
         channels_last=cfg.trainer.channels_last,
     )
     torch.manual_seed(cfg.seed)  # initial weights too: the same seed must give the same metrics
@@ -54,20 +55,15 @@ def run(cfg: Config) -> dict:
                                        projection_dim=cfg.pretrain.projection_dim)
     else:
         module = Classifier(**common, num_classes=len(corpus.class_names), augment=True)
-    # Resumable state belongs to this corpus content at this image shape; the target data plays no part.
-    shape = "x".join(map(str, corpus.image_shape))
-    fingerprint = cfg.fingerprint("seed", "trainer", "pretrain") + f"-{shape}-" + corpus.manifest["data_version"][-6:]
-    checkpoints = checkpoint_dir_for(cfg.paths.uri("checkpoints"), "pretrain", fingerprint)
-    result = fit(module, train, val, cfg.pretrain, cfg.trainer, checkpoints, total_steps,
-                 label="pretrain", seed=cfg.seed, monitor_best=True, cache_mb=cfg.data.cache_mb)
+    result = fit(module, train, val, plan)
     summary = {  # summary.json in the output: a pure function of code, params and data
         "stage": "pretrain",
         "objective": cfg.pretrain.objective,
         "corpus_version": corpus.manifest["data_version"],
         "corpus_source": corpus.manifest["source"],
         "steps": result.steps,
-        "world_size": world,
-        "global_batch": global_batch,
+        "world_size": cfg.trainer.world_size,
+        "global_batch": cfg.pretrain.global_batch(cfg.trainer.world_size),
         "best_val_accuracy": result.best_score,  # simclr: label-free pair-retrieval accuracy
     }
     usage = {  # the run report (pipeline/runinfo.py): how this computation went

@@ -26,10 +26,10 @@ from pipeline.curves import CURVES_JSON, CURVES_PNG, read_curves, render_png, ru
 from pipeline.data.stream import InMemorySplit
 from pipeline.model_card import with_run_report
 from pipeline.models.classifier import Classifier
-from pipeline.training import (
-    CURVES_DIR, CURVES_STATE, FilesOnlyLive, Terminated, curves_workdir, fit, read_curve_state, step_time_report,
-    steps_per_epoch,
-)
+from pipeline.errors import Terminated
+from pipeline.training import CURVES_DIR, FitPlan, fit
+from pipeline.training.callbacks import step_time_report
+from pipeline.training.curve_logging import CURVES_STATE, FilesOnlyLive, curves_workdir, read_curve_state
 
 pytest_plugins = ["tests.s3_fixtures"]
 
@@ -67,9 +67,9 @@ def test_each_training_run_logs_curves_per_step_and_per_epoch(tiny_run):
     assert cfg.trainer.log_every_n_steps == 1
     corpus_train = _json(root / "data/corpus/manifest.json")["split_counts"]["train"]
     budget = results["finetune"]["labelled_images"]
-    plans = {"pretrain": (cfg.pretrain.epochs, steps_per_epoch(corpus_train, cfg.pretrain, 1)),
-             "finetuned": (cfg.finetune.epochs, steps_per_epoch(budget, cfg.finetune, 1)),
-             "scratch": (cfg.finetune.epochs, steps_per_epoch(budget, cfg.finetune, 1))}
+    plans = {"pretrain": (cfg.pretrain.epochs, cfg.pretrain.steps_per_epoch(corpus_train, 1)),
+             "finetuned": (cfg.finetune.epochs, cfg.finetune.steps_per_epoch(budget, 1)),
+             "scratch": (cfg.finetune.epochs, cfg.finetune.steps_per_epoch(budget, 1))}
     for run, folder in _run_folders(root).items():
         epochs, per_epoch = plans[run]
         metrics = folder / "plots" / "metrics"
@@ -198,18 +198,19 @@ def _fit(tmp: Path, every: int = 1, checkpoint_every: int = 100, callbacks=(), c
     stage = FinetuneConfig(epochs=epochs, batch_size=16, checkpoint_every_n_steps=checkpoint_every)
     trainer = TrainerConfig(log_every_n_steps=every)
     train, val = _task(), _task(48, seed=1)
-    total = epochs * steps_per_epoch(train.samples, stage, 1)
+    total = epochs * stage.steps_per_epoch(train.samples, 1)
     torch.manual_seed(0)
     module = Classifier(model={"width": 4, "depth": 1, "dropout": 0.1}, image_shape=(1, 8, 8), num_classes=4,
                         optimizer={}, schedule={}, total_steps=total, lr=0.01)
     checkpoint_dir = checkpoints if "://" in checkpoints else str(tmp / checkpoints)
-    result = fit(module, train, val, stage, trainer, checkpoint_dir, total, label="curves-test", seed=0,
-                 extra_callbacks=list(callbacks), curves_dir=curves_dir)
+    plan = FitPlan(label="curves-test", stage=stage, trainer=trainer, seed=0, checkpoint_dir=checkpoint_dir,
+                   total_steps=total, lr=0.01, curves_dir=curves_dir, observers=tuple(callbacks))
+    result = fit(module, train, val, plan)
     return result, total
 
 
 def test_rows_every_log_every_n_steps_and_at_the_last_step(tmp_path, monkeypatch):
-    monkeypatch.setattr("pipeline.training.CURVE_POINTS", 1)  # else a 12-step run logs every step (curve_interval)
+    monkeypatch.setattr("pipeline.training.curve_logging.CURVE_POINTS", 1)  # else a 12-step run logs every step (curve_interval)
     result, total = _fit(tmp_path, every=4, epochs=2)  # 6 steps an epoch: 12 in all
     assert total == 12
     folder = result.curves_dir
@@ -400,7 +401,7 @@ def test_render_png_draws_what_there_is(tmp_path):
 
 
 def test_short_runs_get_enough_curve_points():
-    from pipeline.training import CURVE_POINTS, curve_interval
+    from pipeline.training.curve_logging import CURVE_POINTS, curve_interval
 
     assert curve_interval(60, 20) == 1  # the default fine-tuning: 60 points, not 3
     assert curve_interval(540, 20) == 5 and 540 // 5 >= CURVE_POINTS  # the default pretraining: 108 points

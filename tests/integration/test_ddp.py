@@ -9,7 +9,6 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.stages import stage_runner
-from pipeline.training import steps_per_epoch
 from tests.conftest import PYTHON, TINY, free_port, sets, subprocess_env
 
 DDP = [*TINY, "pretrain.glyphs_per_class=40", "pretrain.epochs=3", "pretrain.batch_size=16",
@@ -22,7 +21,7 @@ def test_two_node_ddp_pretrain(workdir):
     stage_runner("corpus")(load_config(workdir / "params.yaml", [*DDP, f"paths.root={workdir}"]))
     cfg = load_config(workdir / "params.yaml", DDP)
     train_images = 10 * cfg.pretrain.glyphs_per_class * 9 // 10
-    expected_steps = cfg.pretrain.epochs * steps_per_epoch(train_images, cfg.pretrain, world=2)
+    expected_steps = cfg.pretrain.epochs * cfg.pretrain.steps_per_epoch(train_images, 2)
     port = str(free_port())
     ranks = []
     for node_rank in (0, 1):
@@ -75,7 +74,7 @@ def test_two_node_ddp_pretrain(workdir):
     # Curves: rank 0 alone writes them, every logged step once.
     logged = (workdir / "models" / "pretrain" / "curves" / "plots" / "metrics" / "train" / "step" / "loss.tsv")
     steps = [int(row.split("\t")[0]) for row in logged.read_text().splitlines()[1:]]
-    from pipeline.training import curve_interval
+    from pipeline.training.curve_logging import curve_interval
 
     every = curve_interval(expected_steps, cfg.trainer.log_every_n_steps)  # short runs log their curves more often
     assert steps == sorted({*range(every, expected_steps + 1, every), expected_steps})

@@ -1,6 +1,6 @@
 """Live progress and the run graph in the Prefect UI (flows/progress.py, flows/training.py).
 
-The parser reads the text pipeline/training.py's ProgressLines really prints (locally, and from a pod
+The parser reads the text pipeline/training/callbacks.py's ProgressLines really prints (locally, and from a pod
 with the launcher's `[rank N] ` prefix). One flow run on the TINY config then shows a progress artifact
 per training stage ending at 100, stage task runs whose inputs record their dvc.yaml upstreams (what
 the UI's graph draws), and a second run whose stages, restored from DVC's run-cache, end "Restored".
@@ -21,7 +21,7 @@ pytest_plugins = ["tests.prefect_fixtures"]
 
 def _progress_lines(label: str, total: int, every: int = 2, start_step: int = 0, val_acc: float = 0.912) -> list[str]:
     """What ProgressLines prints for a fit of `total` steps (a stand-in trainer drives its hooks)."""
-    from pipeline.training import ProgressLines
+    from pipeline.training.callbacks import ProgressLines
 
     callback = ProgressLines(label, total, every, start_step)
     optimizer = SimpleNamespace(param_groups=[{"lr": 2.1e-3}])

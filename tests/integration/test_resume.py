@@ -14,7 +14,6 @@ import torch
 from pipeline.config import load_config
 from pipeline.models.bundle import load_backbone
 from pipeline.stages import stage_runner
-from pipeline.training import steps_per_epoch
 from tests.conftest import PYTHON, TINY, run_cli, sets, subprocess_env
 
 # Long enough that SIGTERM lands mid-training on a fast machine, short enough for CI.
@@ -26,7 +25,7 @@ STEP_LINE = re.compile(r"^\[pretrain\] step (\d+)/(\d+)")
 def _expected_steps(workdir: Path) -> int:
     cfg = load_config(workdir / "params.yaml", RESUMABLE)
     train_images = 10 * cfg.pretrain.glyphs_per_class * 9 // 10
-    return cfg.pretrain.epochs * steps_per_epoch(train_images, cfg.pretrain, 1)
+    return cfg.pretrain.epochs * cfg.pretrain.steps_per_epoch(train_images, 1)
 
 
 def _terminate_after_steps(workdir: Path, min_step: int) -> tuple[int, str, str, int]:

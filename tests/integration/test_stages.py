@@ -18,7 +18,6 @@ from pipeline.model_card import with_run_report
 from pipeline.models.bundle import load_backbone, load_classifier
 from pipeline.models.classifier import Classifier
 from pipeline.stages import STAGES, stage_runner
-from pipeline.training import steps_per_epoch
 from tests.conftest import make_image_folder, run_stages, tiny_config
 
 
@@ -94,7 +93,7 @@ def test_pretrain_trains_the_configured_steps(tiny_run):
     corpus = _json(root / "data/corpus/manifest.json")
     train_images = corpus["split_counts"]["train"]
     assert train_images == 10 * cfg.pretrain.glyphs_per_class * 9 // 10  # a tenth of the glyphs is held out
-    expected = cfg.pretrain.epochs * steps_per_epoch(train_images, cfg.pretrain, 1)
+    expected = cfg.pretrain.epochs * cfg.pretrain.steps_per_epoch(train_images, 1)
     assert summary["steps"] == expected == results["pretrain"]["steps"]
     assert summary["world_size"] == 1 and "resumed_from_step" not in summary  # a run fact: the run report's
     assert _json(root / "reports/usage/pretrain.json")["resumed_from_step"] == 0 == results["pretrain"]["resumed_from_step"]
@@ -111,7 +110,7 @@ def test_finetune_trains_both_variants_on_the_label_budget(tiny_run):
     out = root / "models" / "finetune"
     summary = _json(out / "summary.json")
     assert summary["labelled_images"] == 10 * cfg.finetune.labels_per_class
-    expected = cfg.finetune.epochs * steps_per_epoch(summary["labelled_images"], cfg.finetune, 1)
+    expected = cfg.finetune.epochs * cfg.finetune.steps_per_epoch(summary["labelled_images"], 1)
     for variant in ("finetuned", "scratch"):
         assert summary[variant]["steps"] == expected
         assert 0.0 <= summary[variant]["val_accuracy"] <= 1.0

@@ -11,7 +11,6 @@ from pipeline.config import ModelConfig, load_config
 from pipeline.errors import ConfigError
 from pipeline.models.backbones import ResidualBlock, ResNet, build_backbone
 from pipeline.models.classifier import Classifier
-from pipeline.optim import effective_lr
 from pipeline.training import compile_in_place
 from tests.conftest import PARAMS, REPO_ROOT
 
@@ -159,5 +158,5 @@ def test_each_gpu_preset_loads_and_its_backbone_runs_at_224(preset):
 def test_the_resnet_preset_scales_lr_linearly_to_its_global_batch():
     cfg = load_config(REPO_ROOT / "presets" / "gpu-real-data.yaml")
     assert cfg.pretrain.model.arch == "resnet" and cfg.trainer.channels_last
-    global_batch = cfg.pretrain.batch_size * cfg.trainer.devices * cfg.trainer.num_nodes
-    assert effective_lr(cfg.pretrain.optimizer, global_batch) == pytest.approx(0.4)  # 0.1 per 256 x 1,024
+    assert cfg.pretrain.global_batch(cfg.trainer.world_size) == 1024
+    assert cfg.pretrain.lr(cfg.trainer.world_size) == pytest.approx(0.4)  # 0.1 per 256 x 1,024

@@ -6,8 +6,7 @@ import torch
 from torch import nn
 
 from pipeline.config import OptimizerConfig, ScheduleConfig, TrainerConfig, _TrainStage
-from pipeline.optim import build_optimizer, build_scheduler, effective_lr, lr_multiplier, param_groups
-from pipeline.training import steps_per_epoch, world_size
+from pipeline.optim import build_optimizer, build_scheduler, lr_multiplier, param_groups
 
 
 def _model() -> tuple[nn.Module, nn.Module]:
@@ -42,8 +41,10 @@ def test_optimizer_applies_lr_scale(name):
 
 
 def test_linear_scaling_rule():
-    assert effective_lr(OptimizerConfig(lr=0.1), global_batch=512) == 0.1
-    assert effective_lr(OptimizerConfig(lr=0.1, reference_batch_size=256), global_batch=512) == pytest.approx(0.2)
+    assert OptimizerConfig(lr=0.1).scaled_lr(global_batch=512) == 0.1
+    assert OptimizerConfig(lr=0.1, reference_batch_size=256).scaled_lr(global_batch=512) == pytest.approx(0.2)
+    stage = _TrainStage(batch_size=64, accumulate_grad_batches=2, optimizer=OptimizerConfig(lr=0.1, reference_batch_size=256))
+    assert stage.global_batch(world=4) == 512 and stage.lr(world=4) == pytest.approx(0.2)
 
 
 def test_cosine_warmup_then_decays_to_min():
@@ -82,8 +83,10 @@ def test_scheduler_steps_without_error(name):
 ])
 def test_steps_per_epoch(samples, batch, accumulate, world, expected):
     stage = _TrainStage(batch_size=batch, accumulate_grad_batches=accumulate)
-    assert steps_per_epoch(samples, stage, world) == expected
+    assert stage.steps_per_epoch(samples, world) == expected
+    assert _TrainStage(epochs=3, batch_size=batch, accumulate_grad_batches=accumulate).total_steps(samples, world) \
+        == 3 * expected
 
 
 def test_world_size():
-    assert world_size(TrainerConfig(num_nodes=2, devices=4)) == 8
+    assert TrainerConfig(num_nodes=2, devices=4).world_size == 8
