@@ -43,7 +43,7 @@ ui: setup  ## Prefect server + UI on http://127.0.0.1:$${PIPELINE_UI_PORT:-4200}
 bench: setup  ## CPU benchmarks; prints each measured ratio
 	$(BIN)/python -m bench.cpu
 
-bench-data: setup  ## data benchmarks (issue 12)
+bench-data: setup  ## data benchmarks: prepare, loader, memory; prints each measured ratio
 	$(BIN)/python -m bench.data
 
 image:  ## builds the Dockerfile with buildah as IMAGE (default localhost/pipeline:dev); root, no daemon

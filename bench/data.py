@@ -1,4 +1,4 @@
-"""Data at scale (issue 12): prepare throughput, training-loader throughput, training memory vs dataset size.
+"""Data at scale: prepare throughput, training-loader throughput, training memory vs dataset size.
 
     python -m bench.data                          # all three sections (~15-20 min on 2 cores; the first
                                                   #   run also generates the 20k-image folder, ~5 min, cached)

@@ -1,4 +1,4 @@
-"""Streaming shards vs in-memory tensors on a GPU: images/s of a pretrain-like Lightning fit (issue 12).
+"""Streaming shards vs in-memory tensors on a GPU: images/s of a pretrain-like Lightning fit.
 
     python -m bench.gpu_stream --out reports/gpu-stream.json   # one H100/H200: ~1-2 min (scripts/gpu-check.sh)
     python -m bench.gpu_stream --cpu --quick                    # CPU smoke run: tiny sizes, checks the code paths

@@ -68,30 +68,41 @@ class Toleration(BaseModel):
     effect: str | None = "NoSchedule"
 
 
-class LightProfile(BaseModel):
-    """Placement and resources of the single-process stages (prepare, evaluate): one pod, no GPU."""
+class PodResources(BaseModel):
+    """Placement and resources of one kind of pod: the training pods (KubernetesLaunchConfig's own fields) and
+    the single-process stages' (`light`) use this one model, so light_config copies it as a whole."""
 
     model_config = ConfigDict(extra="forbid")
+    node_selector: dict[str, str] = {}
+    """E.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"} to pick the GPU type."""
+    tolerations: list[Toleration] = []
     cpu_request: str = "1"
     cpu_limit: str = "2"
     memory_request: str = "2Gi"
     memory_limit: str = "4Gi"
     shm_size: str = "1Gi"
-    node_selector: dict[str, str] = {}
-    """Empty by default: these stages must not hold a GPU node (the overlay's node_selector is not used)."""
-    tolerations: list[Toleration] = []
+    """/dev/shm size: NCCL and torch.distributed share memory through it on one node; the container default
+    (64Mi) is too small for them."""
     runtime_class_name: str | None = None
-    """None by default: the training pods' runtime class (e.g. `nvidia`) would pin them to GPU nodes."""
+    """`runtimeClassName`, e.g. `nvidia` where the NVIDIA runtime is not the node's default."""
 
     @field_validator("runtime_class_name")
     @classmethod
-    def _runtime_class(cls, name: str | None) -> str | None:
-        return name if name is None else _check_dns_subdomain(name, "light.runtime_class_name")
+    def _runtime_class(cls, name: str | None, info) -> str | None:
+        return name if name is None else _check_dns_subdomain(name, info.field_name)
 
 
-class KubernetesLaunchConfig(BaseModel):
-    """Where and how a stage runs on Kubernetes. Loaded from params, flow parameters or the
-    `PIPELINE_K8S_CONFIG` env var that the k8s/ overlays set on flow-run pods."""
+class LightProfile(PodResources):
+    """Placement and resources of the single-process stages (prepare, corpus, evaluate): one pod, no GPU.
+
+    node_selector and runtime_class_name stay empty by default: the training pods' would pin these pods to
+    GPU nodes."""
+
+
+class KubernetesLaunchConfig(PodResources):
+    """Where and how a stage runs on Kubernetes; its PodResources fields are the training pods'. Loaded from
+    the launch ConfigMap (the CONFIG_ENVS env vars that the k8s/ overlays set on flow-run pods), flow
+    parameters or explicit values."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -104,15 +115,6 @@ class KubernetesLaunchConfig(BaseModel):
     """Pods (= Lightning num_nodes). One pod per node."""
     gpus_per_node: int = Field(0, ge=0)
     """nvidia.com/gpu per pod (= Lightning devices). 0 runs one CPU process per pod."""
-    node_selector: dict[str, str] = {}
-    """E.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"} to pick the GPU type."""
-    tolerations: list[Toleration] = []
-    cpu_request: str = "1"
-    cpu_limit: str = "2"
-    memory_request: str = "2Gi"
-    memory_limit: str = "4Gi"
-    shm_size: str = "1Gi"
-    """/dev/shm size: DataLoader workers share batches through it; Docker's 64Mi default stalls them."""
     active_deadline_seconds: int = Field(6 * 3600, ge=1)
     ttl_seconds_after_finished: int = Field(3600, ge=0)
     max_restarts: int = Field(3, ge=0)
@@ -182,9 +184,6 @@ class KubernetesLaunchConfig(BaseModel):
     """Env of every stage pod (light ones too), e.g. NCCL_SOCKET_IFNAME, NCCL_DEBUG,
     AWS_REQUEST_CHECKSUM_CALCULATION=when_required (docs/s3.md). Wins over the Secret's (envFrom); may not
     set what the launcher sets (LAUNCHER_ENV: MASTER_ADDR, NODE_RANK...)."""
-    runtime_class_name: str | None = None
-    """`runtimeClassName` of the training pods (pretrain, finetune), e.g. `nvidia` where the NVIDIA runtime
-    is not the node's default. Light pods use light.runtime_class_name."""
     guaranteed_qos: bool = False
     """Render requests = limits for cpu and memory (the `*_limit` values): pods are in the Guaranteed QoS
     class, evicted last under node pressure. Explicit `*_request` values must then equal the limits."""
@@ -210,7 +209,7 @@ class KubernetesLaunchConfig(BaseModel):
     def _priority(cls, name: str | None) -> str | None:
         return name if name is None else _check_dns_subdomain(name, "priority_class_name")
 
-    @field_validator("runtime_class_name", "cluster_domain")
+    @field_validator("cluster_domain")
     @classmethod
     def _dns_names(cls, name: str | None, info) -> str | None:
         return name if name is None else _check_dns_subdomain(name, info.field_name)

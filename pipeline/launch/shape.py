@@ -42,6 +42,7 @@ from typing import Any
 from pipeline.config import parse_override
 from pipeline.errors import ConfigError
 from pipeline.launch.k8s_manifests import KubernetesLaunchConfig, new_job_name, render_job, render_service
+from pipeline.launch.k8s_settings import PodResources
 
 TRAINING_STAGES = ("pretrain", "finetune")
 """Multi-process (DDP) stages; every other stage is single-process and runs on the light profile."""
@@ -74,12 +75,9 @@ def _count(key: str, value: Any) -> int:
 
 def light_config(base: KubernetesLaunchConfig) -> KubernetesLaunchConfig:
     """The single-process profile: one pod, no GPUs, the overlay's `light` placement, resources and runtime class."""
-    light = base.light
-    return base.model_copy(update={
-        "nodes": 1, "gpus_per_node": 0, "node_selector": dict(light.node_selector),
-        "tolerations": list(light.tolerations), "cpu_request": light.cpu_request, "cpu_limit": light.cpu_limit,
-        "memory_request": light.memory_request, "memory_limit": light.memory_limit, "shm_size": light.shm_size,
-        "runtime_class_name": light.runtime_class_name})
+    light = base.light.model_copy(deep=True)  # the result's placement is its own, not shared with `base.light`
+    return base.model_copy(update={"nodes": 1, "gpus_per_node": 0,
+                                   **{name: getattr(light, name) for name in PodResources.model_fields}})
 
 
 def stage_launch_config(base: KubernetesLaunchConfig, stage: str,

@@ -1,5 +1,5 @@
-"""Every stage's DVC outputs are a pure function of code, params and data (issue 18, item 1), and own data
-keeps its size (item 2).
+"""Every stage's DVC outputs are a pure function of code, params and data, and own data
+keeps its size.
 
 Each stage is computed twice, independently (two `paths.root`, separate decoded-image caches: one cold,
 one warm), and every file of every DVC output (dvc.yaml `outs`, `metrics`, `plots`) is compared byte for

@@ -1,4 +1,4 @@
-"""The quality bar with *default* params on builtin:digits (issue 2), not on tiny configs.
+"""The quality bar with *default* params on builtin:digits, not on tiny configs.
 
 Accuracy thresholds, not timings: the pretrained model must beat the same-budget scratch
 model by more than 5 points and reach 0.90; with every label it must reach 0.98

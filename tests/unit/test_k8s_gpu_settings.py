@@ -100,7 +100,7 @@ def test_extra_env_may_not_set_what_the_launcher_sets(name):
     ({"extra_env": {"NCCL_DEBUG": 3}}, "valid string"),
     ({"extra_env": ["NCCL_DEBUG=INFO"]}, "valid dictionary"),
     ({"runtime_class_name": "NVIDIA"}, "runtime_class_name 'NVIDIA' is not a valid object name"),
-    ({"light": {"runtime_class_name": "a_b"}}, "light.runtime_class_name 'a_b' is not a valid object name"),
+    ({"light": {"runtime_class_name": "a_b"}}, r"light.runtime_class_name\n.*runtime_class_name 'a_b' is not a valid object name"),
     ({"cluster_domain": "Cluster.Local"}, "cluster_domain 'Cluster.Local' is not a valid object name"),
     ({"cluster_domain": ".local"}, "not a valid object name"),
     ({"startup_timeout_seconds": 0}, "greater than 0"),
