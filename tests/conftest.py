@@ -6,12 +6,14 @@ params.yaml.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -58,6 +60,54 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
+
+
+def dvc_env(own_code: bool = True, **extra: str) -> dict[str, str]:
+    """Env for real `dvc` and `git` commands in a test's project: a committer identity, no analytics.
+    own_code: the project's stages import its own copy of `pipeline` (found in cwd by `python -m`), not this
+    checkout's."""
+    env = subprocess_env(DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
+                         GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com")
+    if own_code:
+        env.pop("PYTHONPATH")
+    env.update(extra)
+    return env
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def sigterm_at_step(cmd: list[str], cwd: Path, min_step: int, env: dict[str, str] | None = None,
+                    timeout: float = 120) -> tuple[int, str, int | None]:
+    """Run a training stage, SIGTERM it once its progress lines (read with the product's own parser,
+    flows/progress.py) report `min_step` -> (exit code, its output with stderr, the step it was signalled at)."""
+    from flows.progress import parse
+
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env or subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    seen, signalled_at = [], None
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            progress = parse(line)
+            if progress and progress.kind == "step" and progress.step >= min_step:
+                signalled_at = progress.step
+                proc.send_signal(signal.SIGTERM)
+                break
+        seen.append(proc.communicate(timeout=timeout)[0])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, "".join(seen), signalled_at
+
+
+def step_numbers(output: str, label: str = "pretrain") -> list[int]:
+    """The steps of `label`'s progress lines in a stage's output (flows/progress.py's parser)."""
+    from flows.progress import parse
+
+    return [p.step for p in map(parse, output.splitlines()) if p and p.kind == "step" and p.label == label]
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:

@@ -27,6 +27,7 @@ from pipeline.data.stream import InMemorySplit
 from pipeline.model_card import with_run_report
 from pipeline.models.classifier import Classifier
 from pipeline.errors import Terminated
+from tests.conftest import read_json
 from pipeline.training import CURVES_DIR, FitPlan, fit
 from pipeline.training.callbacks import step_time_report
 from pipeline.training.curve_logging import CURVES_STATE, FilesOnlyLive, curves_workdir, read_curve_state
@@ -49,9 +50,6 @@ def _values(path: Path, column: str) -> list[float]:
     return [float(row[column]) for row in _tsv(path)]
 
 
-def _json(path: Path) -> dict:
-    return json.loads(path.read_text())
-
 
 # ---------------------------------------------------------------- the stages' curves (tiny in-process run)
 
@@ -65,7 +63,7 @@ def _run_folders(root: Path) -> dict[str, Path]:
 def test_each_training_run_logs_curves_per_step_and_per_epoch(tiny_run):
     root, cfg, results = tiny_run
     assert cfg.trainer.log_every_n_steps == 1
-    corpus_train = _json(root / "data/corpus/manifest.json")["split_counts"]["train"]
+    corpus_train = read_json(root / "data/corpus/manifest.json")["split_counts"]["train"]
     budget = results["finetune"]["labelled_images"]
     plans = {"pretrain": (cfg.pretrain.epochs, cfg.pretrain.steps_per_epoch(corpus_train, 1)),
              "finetuned": (cfg.finetune.epochs, cfg.finetune.steps_per_epoch(budget, 1)),
@@ -89,20 +87,20 @@ def test_each_training_run_logs_curves_per_step_and_per_epoch(tiny_run):
         for split, name in (("train", "loss"), ("train", "acc"), ("val", "loss"), ("val", "acc")):
             assert _steps(metrics / split / f"{name}.tsv") == epoch_ends, (run, split, name)
         assert all(math.isfinite(v) for v in _values(metrics / "val/loss.tsv", "loss"))
-        summary = _json(folder / "metrics.json")
+        summary = read_json(folder / "metrics.json")
         assert summary["step"] == total and set(summary["val"]) == {"loss", "acc"}
         assert (folder / "params.yaml").exists()
         assert not list(folder.rglob("dvc.yaml")) and not (folder / "report.html").exists()  # DVC integration off
     # The last epoch's validation accuracy in the curves is the one the summary reports.
-    finetune = _json(root / "models/finetune/summary.json")
+    finetune = read_json(root / "models/finetune/summary.json")
     last_val = _values(_run_folders(root)["finetuned"] / "plots/metrics/val/acc.tsv", "acc")[-1]
     assert last_val == pytest.approx(finetune["finetuned"]["val_accuracy"])
 
 
 def test_run_reports_record_step_times_and_device_hours(tiny_run):
     root, _, _ = tiny_run
-    pretrain = _json(root / "reports/usage/pretrain.json")  # run reports (pipeline/runinfo.py), not the outputs
-    finetune = _json(root / "reports/usage/finetune.json")
+    pretrain = read_json(root / "reports/usage/pretrain.json")  # run reports (pipeline/runinfo.py), not the outputs
+    finetune = read_json(root / "reports/usage/finetune.json")
     for run in (pretrain, finetune["finetuned"], finetune["scratch"]):
         timing = run["step_time"]
         assert len(timing["per_rank_ms"]) == 1 and timing["per_rank_ms"][0] > 0
@@ -113,14 +111,14 @@ def test_run_reports_record_step_times_and_device_hours(tiny_run):
     assert finetune["device_hours"] == pytest.approx(
         finetune["finetuned"]["device_hours"] + finetune["scratch"]["device_hours"], abs=2e-6)
     for data in ("prepare", "corpus"):
-        summary = _json(root / "reports/usage" / f"{data}.json")
+        summary = read_json(root / "reports/usage" / f"{data}.json")
         assert summary["device_kind"] == "cpu" and summary["device_hours"] > 0
 
 
 def test_release_has_the_curves_and_the_card_has_curves_and_device_hours(tiny_run):
     root, _, _ = tiny_run
     release = root / "models/release"
-    data = _json(release / CURVES_JSON)
+    data = read_json(release / CURVES_JSON)
     expected = {f"{run}/{series}" for run in ("pretrain", "finetuned", "scratch") for series in curves_module.SERIES
                 if series != "images_per_s"}  # a timing: the run reports', not the curves'
     assert set(data) == expected
@@ -130,10 +128,10 @@ def test_release_has_the_curves_and_the_card_has_curves_and_device_hours(tiny_ru
         assert steps == sorted(set(steps)) and all(math.isfinite(value) for _, value in points), name
     assert (release / CURVES_PNG).read_bytes().startswith(PNG_MAGIC)
 
-    card = _json(release / "model_card.json")
+    card = read_json(release / "model_card.json")
     assert card["curves"] == CURVES_PNG
     assert "![curves](curves.png)" in (release / "model_card.md").read_text()
-    card = with_run_report(card, _json(root / "reports/usage/evaluate.json"))  # what the registry's card shows
+    card = with_run_report(card, read_json(root / "reports/usage/evaluate.json"))  # what the registry's card shows
     hours = card["device_hours"]
     assert set(hours["stages"]) == {"prepare", "corpus", "pretrain", "finetune", "evaluate"}
     assert all(usage["kind"] == "cpu" and usage["hours"] > 0 for usage in hours["stages"].values())
@@ -147,7 +145,7 @@ def test_dvc_plots_show_draws_the_curves_and_exp_show_works(tiny_run, tmp_path):
     """dvc.yaml's top-level plots against the files the stages wrote, with real DVC in a throwaway project."""
     import shutil
 
-    from tests.conftest import REPO_ROOT, subprocess_env
+    from tests.conftest import REPO_ROOT, dvc_env
 
     root, _, _ = tiny_run
     project = tmp_path / "project"
@@ -155,8 +153,7 @@ def test_dvc_plots_show_draws_the_curves_and_exp_show_works(tiny_run, tmp_path):
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy2(REPO_ROOT / name, project / name)
     shutil.copytree(root / "models", project / "models")
-    env = subprocess_env(DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com",
-                         GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com")
+    env = dvc_env(own_code=False)
     dvc = str(Path(sys.executable).parent / "dvc")
 
     def run(*args: str) -> str:

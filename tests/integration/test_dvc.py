@@ -12,7 +12,7 @@ import yaml
 
 from pipeline.config import apply_overrides, build_config, update_params_file
 from pipeline.stages import STAGES
-from tests.conftest import PYTHON, REPO_ROOT, TINY, subprocess_env
+from tests.conftest import PYTHON, REPO_ROOT, TINY, dvc_env
 
 DVC = str(Path(PYTHON).parent / "dvc")
 RAN = re.compile(r"Running stage '([^']+)'")
@@ -33,9 +33,7 @@ def _copy_project(dest: Path) -> None:
 
 
 def _run(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = subprocess_env(DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
-                         GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com")
-    env.pop("PYTHONPATH")  # stages must import the copy's `pipeline`, which `python -m` finds in cwd
+    env = dvc_env()  # stages must import the copy's `pipeline`, which `python -m` finds in cwd
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{args}:\n{done.stdout}\n{done.stderr}"
     return done

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from pipeline.stages import STAGES
-from tests.conftest import subprocess_env
+from tests.conftest import dvc_env
 from tests.integration.test_dvc import DVC, RAN, _copy_project
 from tests.stage_closure import config_reads, key_covered, stage_closure, stage_code
 
@@ -37,11 +37,7 @@ atexit.register(_record)
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = subprocess_env(DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
-                         GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com")
-    env.pop("PYTHONPATH")  # stages must import the copy's `pipeline`, which `python -m` finds in cwd
-    env.update(extra)  # PYTHONPATH: only the import recorder
-    return env
+    return dvc_env(**extra)  # PYTHONPATH, when given: only the import recorder
 
 
 def _run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:

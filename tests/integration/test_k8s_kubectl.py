@@ -143,9 +143,8 @@ def _no_pod_process_left(standin, netns: set[int]) -> None:
 
 
 def _running(standin, job: str, count: int) -> list[dict]:
-    return _wait_for(lambda: (lambda pods: pods if len(pods) == count else None)(
-        [p for p in standin.pods() if p["metadata"]["labels"].get("job-name") == job
-         and p["status"]["phase"] == "Running"]), f"{count} running pod(s) of {job}")
+    return _wait_for(lambda: pods if len(pods := standin.running(job)) == count else None,
+                     f"{count} running pod(s) of {job}")
 
 
 def test_apply_dev_overlay_twice(kubectl):

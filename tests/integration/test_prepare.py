@@ -1,7 +1,6 @@
 """`prepare` and `corpus` on real image files: any photo folder in, decoded shards + manifest out."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ from pipeline.data.shards import UNLABELLED, read_shard
 from pipeline.data.sources import content_id
 from pipeline.errors import DataError
 from pipeline.stages import corpus, prepare
-from tests.conftest import make_image_folder, tiny_config, write_photo
+from tests.conftest import make_image_folder, read_json, tiny_config, write_photo
 
 pytest_plugins = ["tests.s3_fixtures"]
 
@@ -23,13 +22,10 @@ def decoded_cache(tmp_path: Path, monkeypatch) -> Path:
     return tmp_path / "cache"
 
 
-def _json(path: Path) -> dict:
-    return json.loads(path.read_text())
-
 
 def _samples(out: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Every sample of one split, in stored order, through the shard reader training uses."""
-    manifest = _json(out / "manifest.json")
+    manifest = read_json(out / "manifest.json")
     parts = [read_shard(str(out / e["name"]), e["samples"]) for e in manifest["shards"][split]]
     return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
             [k for p in parts for k in p[2]])
@@ -51,7 +47,7 @@ def _mixed_folder(root: Path) -> Path:
 def test_builtin_digits_unchanged(tmp_path: Path):
     summary = prepare.run(tiny_config(tmp_path))
     out = tmp_path / "data" / "prepared"
-    manifest = _json(out / "manifest.json")
+    manifest = read_json(out / "manifest.json")
     assert summary["images"] == 1797 and manifest["image_shape"] == [8, 8, 1]
     assert manifest["data_version"] == summary["data_version"] == "data-06042341fe50ad92"  # as before shards
     assert sorted(p.name for p in out.iterdir()) == ["_COMPLETE", "manifest.json", "shards", "summary.json"]
@@ -74,7 +70,7 @@ def test_mixed_sizes_and_modes(tmp_path: Path, capsys):
     summary = prepare.run(tiny_config(tmp_path / "run", f"data.source={source}", "data.image_size=16",
                                       "data.channels=3"))
     out = tmp_path / "run" / "data" / "prepared"
-    manifest = _json(out / "manifest.json")
+    manifest = read_json(out / "manifest.json")
     assert manifest["classes"] == ["cat", "dog", "owl"] and manifest["image_shape"] == [16, 16, 3]
     assert manifest["transform"] == {"image_size": 16, "channels": 3, "resize": "shorter side, centre crop",
                                      "exif_transpose": True}
@@ -228,7 +224,7 @@ def test_corpus_from_builtin_glyphs(tmp_path: Path, capsys):
     cfg = tiny_config(tmp_path, "pretrain.glyphs_per_class=10", "data.image_size=12", "data.channels=3")
     summary = corpus.run(cfg)
     out = tmp_path / "data" / "corpus"
-    manifest = _json(out / "manifest.json")
+    manifest = read_json(out / "manifest.json")
     assert manifest["classes"] == list("0123456789") and manifest["image_shape"] == [12, 12, 3]
     assert manifest["split_counts"] == {"train": 90, "val": 10} and set(manifest["shards"]) == {"train", "val"}
     assert manifest["data_version"].startswith("corpus-") and manifest["data_version"] == summary["data_version"]
@@ -253,7 +249,7 @@ def test_corpus_from_unlabelled_folder(tmp_path: Path):
                       "data.image_size=16", "pretrain.val_fraction=0.25")
     summary = corpus.run(cfg)
     out = tmp_path / "run" / "data" / "corpus"
-    manifest = _json(out / "manifest.json")
+    manifest = read_json(out / "manifest.json")
     assert manifest["classes"] == [] and manifest["class_counts"] == {}
     assert manifest["split_counts"] == {"train": 9, "val": 3} and summary["images"] == 12
     assert all(f["class"] is None for f in manifest["files"])
@@ -299,7 +295,7 @@ def test_s3_source_cached_by_etag_and_decoded_once(s3, tmp_path: Path, capsys, m
     second = prepare.run(tiny_config(tmp_path / "b", f"data.source={source}", "data.image_size=8"))
     assert "15 images, 0 downloaded, 15 from the local cache" in capsys.readouterr().out
     assert (first["decoded"], second["reused"]) == (15, 15)
-    manifest = _json(tmp_path / "a/data/prepared/manifest.json")
+    manifest = read_json(tmp_path / "a/data/prepared/manifest.json")
     assert manifest["files"][0]["path"] == f"{source}/digit0/000.png"
     assert manifest["data_version"] == content_id(str(tmp_path / "images"), "data", cfg)  # same bytes, same id
     # No local caches at all: workers read the objects themselves.

@@ -24,7 +24,7 @@ import pytest
 
 from pipeline.config import update_params_file
 from pipeline.stages import STAGES
-from tests.conftest import PYTHON, REPO_ROOT, subprocess_env, write_png
+from tests.conftest import PYTHON, REPO_ROOT, dvc_env, write_png
 from tests.integration.test_dvc import _copy_project
 
 pytestmark = pytest.mark.slow
@@ -71,10 +71,7 @@ def test_readme_commands_are_found_and_skips_are_listed():
 
 
 def _env() -> dict[str, str]:
-    env = subprocess_env(DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
-                         GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com")
-    env.pop("PYTHONPATH")  # stages import the copy's `pipeline`, which `python -m` finds in cwd
-    return env
+    return dvc_env()  # stages import the copy's `pipeline`, which `python -m` finds in cwd
 
 
 def _sh(command: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:

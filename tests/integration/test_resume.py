@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -14,12 +11,11 @@ import torch
 from pipeline.config import load_config
 from pipeline.models.bundle import load_backbone
 from pipeline.stages import stage_runner
-from tests.conftest import PYTHON, TINY, run_cli, sets, subprocess_env
+from tests.conftest import PYTHON, TINY, run_cli, sets, sigterm_at_step, step_numbers
 
 # Long enough that SIGTERM lands mid-training on a fast machine, short enough for CI.
 RESUMABLE = [*TINY, "pretrain.glyphs_per_class=60", "pretrain.batch_size=16", "pretrain.epochs=3",
              "pretrain.checkpoint_every_n_steps=5", "trainer.log_every_n_steps=1"]
-STEP_LINE = re.compile(r"^\[pretrain\] step (\d+)/(\d+)")
 
 
 def _expected_steps(workdir: Path) -> int:
@@ -28,35 +24,16 @@ def _expected_steps(workdir: Path) -> int:
     return cfg.pretrain.epochs * cfg.pretrain.steps_per_epoch(train_images, 1)
 
 
-def _terminate_after_steps(workdir: Path, min_step: int) -> tuple[int, str, str, int]:
-    """Start `pipeline pretrain`, SIGTERM it once a progress line reports `min_step`."""
-    proc = subprocess.Popen([PYTHON, "-m", "pipeline", "pretrain", *sets(RESUMABLE)], cwd=workdir,
-                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    seen, step_at_signal = [], None
-    try:
-        for line in proc.stdout:
-            seen.append(line)
-            match = STEP_LINE.match(line)
-            if match and int(match.group(1)) >= min_step:
-                step_at_signal = int(match.group(1))
-                proc.send_signal(signal.SIGTERM)
-                break
-        rest, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert step_at_signal is not None, "training never reported progress:\n" + "".join(seen) + proc.stderr.read()
-    return proc.returncode, "".join(seen) + rest, err, step_at_signal
-
-
 @pytest.mark.slow
 def test_sigterm_checkpoints_exits_143_and_resumes_to_the_same_total(workdir):
     stage_runner("corpus")(load_config(workdir / "params.yaml", [*RESUMABLE, f"paths.root={workdir}"]))
     total = _expected_steps(workdir)
 
-    code, out, err, signalled_at = _terminate_after_steps(workdir, min_step=7)
-    assert code == 143, out + err
-    assert "terminated by SIGTERM" in err
+    code, out, signalled_at = sigterm_at_step([PYTHON, "-m", "pipeline", "pretrain", *sets(RESUMABLE)], workdir,
+                                              min_step=7)
+    assert signalled_at is not None, "training never reported progress:\n" + out
+    assert code == 143, out
+    assert "terminated by SIGTERM" in out
     assert signalled_at < total, "training finished before SIGTERM arrived; make RESUMABLE longer"
     saved = re.search(r"\[checkpoint\] SIGTERM at step (\d+): saved (\S+)", out)
     assert saved, out
@@ -73,7 +50,7 @@ def test_sigterm_checkpoints_exits_143_and_resumes_to_the_same_total(workdir):
     match = re.search(r"resuming from (\S+) at step (\d+)", resumed.stdout)
     assert match, resumed.stdout
     assert Path(match.group(1)).name == "last.ckpt" and int(match.group(2)) == stopped_at > 0
-    steps_run = [int(m.group(1)) for m in map(STEP_LINE.match, resumed.stdout.splitlines()) if m]
+    steps_run = step_numbers(resumed.stdout)
     assert steps_run and steps_run[0] == stopped_at + 1 and steps_run[-1] == total  # no step lost, none repeated
 
     summary = json.loads((workdir / "models" / "pretrain" / "summary.json").read_text())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import yaml
 from pipeline import storage
 from pipeline.config import apply_overrides, build_config, load_config
 from pipeline.stages import STAGES, stage_runner
-from tests.conftest import PARAMS, PYTHON, REPO_ROOT, TINY, sets, subprocess_env
+from tests.conftest import PARAMS, PYTHON, REPO_ROOT, TINY, sets, sigterm_at_step, step_numbers, subprocess_env
 from tests.prefect_fixtures import set_paths
 
 pytest_plugins = ["tests.s3_fixtures"]
@@ -24,25 +23,6 @@ pytest_plugins = ["tests.s3_fixtures"]
 # Long enough that SIGTERM lands mid-pretraining; checkpoints every 5 steps go to S3.
 RESUMABLE = [*TINY, "pretrain.glyphs_per_class=60", "pretrain.batch_size=16", "pretrain.epochs=3",
              "pretrain.checkpoint_every_n_steps=5"]
-STEP_LINE = re.compile(r"^\[pretrain\] step (\d+)/(\d+)")
-
-
-def _pretrain_until_sigterm(cwd: Path, overrides: list[str], min_step: int) -> tuple[int, str]:
-    proc = subprocess.Popen([PYTHON, "-m", "pipeline", "pretrain", "--params", str(PARAMS), *sets(overrides)],
-                            cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = []
-    try:
-        for line in proc.stdout:
-            seen.append(line)
-            match = STEP_LINE.match(line)
-            if match and int(match.group(1)) >= min_step:
-                proc.send_signal(signal.SIGTERM)
-                break
-        seen.append(proc.communicate(timeout=120)[0])
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return proc.returncode, "".join(seen)
 
 
 @pytest.mark.slow
@@ -61,7 +41,8 @@ def test_stages_on_s3_source_artifacts_checkpoints_and_resume(s3, tmp_path, caps
     assert "0 downloaded, 36 from the local cache" in capsys.readouterr().out
     stage_runner("corpus")(cfg)  # the pretraining corpus (builtin glyphs), written to S3 too
 
-    code, interrupted = _pretrain_until_sigterm(tmp_path, overrides, min_step=7)
+    code, interrupted, _ = sigterm_at_step([PYTHON, "-m", "pipeline", "pretrain", "--params", str(PARAMS),
+                                            *sets(overrides)], tmp_path, min_step=7)
     assert code == 143, interrupted
     saved = re.search(r"\[checkpoint\] SIGTERM at step (\d+): saved (s3://\S+/last\.ckpt)", interrupted)
     assert saved, interrupted
@@ -73,7 +54,7 @@ def test_stages_on_s3_source_artifacts_checkpoints_and_resume(s3, tmp_path, caps
                              cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resuming from {checkpoint} at step {stopped_at}" in resumed.stdout
-    steps = [int(m.group(1)) for m in map(STEP_LINE.match, resumed.stdout.splitlines()) if m]
+    steps = step_numbers(resumed.stdout)
     summary = storage.read_json(storage.join(root, "models", "pretrain", "summary.json"))
     usage = storage.read_json(storage.join(root, "reports", "usage", "pretrain.json"))  # the run report
     assert steps[0] == stopped_at + 1 and steps[-1] == summary["steps"] and usage["resumed_from_step"] == stopped_at

@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,11 +15,8 @@ from pipeline.model_card import with_run_report
 from pipeline.models.bundle import load_backbone, load_classifier
 from pipeline.models.classifier import Classifier
 from pipeline.stages import STAGES, stage_runner
-from tests.conftest import make_image_folder, run_stages, tiny_config
+from tests.conftest import make_image_folder, read_json, run_stages, tiny_config
 
-
-def _json(path: Path) -> dict:
-    return json.loads(path.read_text())
 
 
 # ---------------------------------------------------------------- prepare
@@ -43,7 +37,7 @@ def test_prepare_writes_shards_and_manifest(tiny_run):
     root, cfg, results = tiny_run
     out = root / "data" / "prepared"
     assert sorted(p.name for p in out.iterdir()) == ["_COMPLETE", "manifest.json", "shards", "summary.json"]
-    manifest = _json(out / "manifest.json")
+    manifest = read_json(out / "manifest.json")
     prepared = load_prepared(str(out))
     samples = _all_samples(prepared)
     assert len(samples) == 1797 and next(iter(samples.values()))[0].shape == (8, 8, 1)
@@ -89,14 +83,14 @@ def test_pretrain_trains_the_configured_steps(tiny_run):
     root, cfg, results = tiny_run
     out = root / "models" / "pretrain"
     assert (out / "_COMPLETE").exists()
-    summary = _json(out / "summary.json")
-    corpus = _json(root / "data/corpus/manifest.json")
+    summary = read_json(out / "summary.json")
+    corpus = read_json(root / "data/corpus/manifest.json")
     train_images = corpus["split_counts"]["train"]
     assert train_images == 10 * cfg.pretrain.glyphs_per_class * 9 // 10  # a tenth of the glyphs is held out
     expected = cfg.pretrain.epochs * cfg.pretrain.steps_per_epoch(train_images, 1)
     assert summary["steps"] == expected == results["pretrain"]["steps"]
     assert summary["world_size"] == 1 and "resumed_from_step" not in summary  # a run fact: the run report's
-    assert _json(root / "reports/usage/pretrain.json")["resumed_from_step"] == 0 == results["pretrain"]["resumed_from_step"]
+    assert read_json(root / "reports/usage/pretrain.json")["resumed_from_step"] == 0 == results["pretrain"]["resumed_from_step"]
     assert 0.0 <= summary["best_val_accuracy"] <= 1.0
     backbone = load_backbone(str(out / "backbone.safetensors"))
     assert backbone["image_shape"] == [1, 8, 8]
@@ -108,7 +102,7 @@ def test_pretrain_trains_the_configured_steps(tiny_run):
 def test_finetune_trains_both_variants_on_the_label_budget(tiny_run):
     root, cfg, _ = tiny_run
     out = root / "models" / "finetune"
-    summary = _json(out / "summary.json")
+    summary = read_json(out / "summary.json")
     assert summary["labelled_images"] == 10 * cfg.finetune.labels_per_class
     expected = cfg.finetune.epochs * cfg.finetune.steps_per_epoch(summary["labelled_images"], 1)
     for variant in ("finetuned", "scratch"):
@@ -147,9 +141,9 @@ def test_backbone_frozen_for_the_first_epochs():
 # ---------------------------------------------------------------- evaluate: metrics and model card
 
 
-def test_metrics_json(tiny_run):
+def test_metricsread_json(tiny_run):
     root, cfg, results = tiny_run
-    metrics = _json(root / "reports" / "metrics.json")
+    metrics = read_json(root / "reports" / "metrics.json")
     assert metrics == results["evaluate"]["metrics"]
     accuracy, scratch = metrics["test"]["accuracy"], metrics["scratch"]["test"]["accuracy"]
     assert 0.0 <= accuracy <= 1.0 and 0.0 <= scratch <= 1.0
@@ -157,7 +151,7 @@ def test_metrics_json(tiny_run):
     assert set(metrics["per_class"]) == {str(d) for d in range(10)}
     for stats in metrics["per_class"].values():
         assert 0.0 <= stats["precision"] <= 1.0 and 0.0 <= stats["recall"] <= 1.0
-    test_size = _json(root / "data/prepared/manifest.json")["split_counts"]["test"]
+    test_size = read_json(root / "data/prepared/manifest.json")["split_counts"]["test"]
     assert sum(s["support"] for s in metrics["per_class"].values()) == test_size
     # Recall weighted by support is the accuracy: the per-class numbers belong to the same predictions.
     weighted = sum(s["recall"] * s["support"] for s in metrics["per_class"].values()) / test_size
@@ -172,14 +166,14 @@ def test_model_card_records_lineage(tiny_run):
     root, cfg, _ = tiny_run
     release = root / "models" / "release"
     assert (release / "_COMPLETE").exists() and (release / "finetuned.safetensors").exists()
-    card = _json(release / "model_card.json")
-    assert card["data_version"] == _json(root / "data/prepared/manifest.json")["data_version"]
+    card = read_json(release / "model_card.json")
+    assert card["data_version"] == read_json(root / "data/prepared/manifest.json")["data_version"]
     assert card["params"] == cfg.model_dump(mode="json", exclude={"paths"})  # where a run writes: not lineage
-    assert card["metrics"] == _json(root / "reports/metrics.json")
+    assert card["metrics"] == read_json(root / "reports/metrics.json")
     # Run facts are the run report's (not in the release: recomputing it gives the same bytes); merged, the card
     # shows them (what promotion keeps in the registry).
     assert not {"git_commit", "wall_time_s", "hardware", "created_at"} & set(card)
-    report = _json(root / "reports/usage/evaluate.json")
+    report = read_json(root / "reports/usage/evaluate.json")
     merged = with_run_report(card, report)
     assert "git_commit" in merged and merged["created_at"]
     assert set(merged["wall_time_s"]) == set(STAGES)
@@ -193,10 +187,10 @@ def test_model_card_records_lineage(tiny_run):
 def test_same_seed_same_metrics(tiny_run, tmp_path):
     root, _, _ = tiny_run
     run_stages(tiny_config(tmp_path))
-    first, second = _json(root / "reports/metrics.json"), _json(tmp_path / "reports/metrics.json")
+    first, second = read_json(root / "reports/metrics.json"), read_json(tmp_path / "reports/metrics.json")
     assert first == second
-    assert (_json(root / "models/pretrain/summary.json")["best_val_accuracy"]
-            == _json(tmp_path / "models/pretrain/summary.json")["best_val_accuracy"])
+    assert (read_json(root / "models/pretrain/summary.json")["best_val_accuracy"]
+            == read_json(tmp_path / "models/pretrain/summary.json")["best_val_accuracy"])
 
 
 def test_rerun_of_a_finished_stage_resumes_at_the_end(tmp_path, capsys):
@@ -204,7 +198,7 @@ def test_rerun_of_a_finished_stage_resumes_at_the_end(tmp_path, capsys):
     cfg = tiny_config(tmp_path, "pretrain.checkpoint_every_n_steps=1", "finetune.checkpoint_every_n_steps=1",
                       "finetune.train_scratch_baseline=false")
     run_stages(cfg, "prepare", "corpus", "pretrain", "finetune")
-    first = _json(tmp_path / "models/pretrain/summary.json")
+    first = read_json(tmp_path / "models/pretrain/summary.json")
     capsys.readouterr()
     again = run_stages(cfg, "pretrain", "finetune")
     out = capsys.readouterr().out
@@ -257,7 +251,7 @@ def test_image_folder_source_with_simclr_end_to_end(tmp_path):
                               f"pretrain.source={source}",
                               "pretrain.epochs=2", "finetune.labels_per_class=3")
     results = run_stages(cfg)
-    manifest = _json(tmp_path / "run/data/prepared/manifest.json")
+    manifest = read_json(tmp_path / "run/data/prepared/manifest.json")
     assert manifest["classes"] == ["digit0", "digit1", "digit2"]
     assert manifest["class_counts"] == {"digit0": 10, "digit1": 10, "digit2": 10}
     assert manifest["source"] == str(source)
@@ -265,9 +259,9 @@ def test_image_folder_source_with_simclr_end_to_end(tmp_path):
     png = source / "digit1" / "003.png"
     assert stored[str(png)] == hashlib.sha256(png.read_bytes()).hexdigest()
     assert results["pretrain"]["objective"] == "simclr" and results["pretrain"]["steps"] >= 2
-    metrics = _json(tmp_path / "run/reports/metrics.json")
+    metrics = read_json(tmp_path / "run/reports/metrics.json")
     assert set(metrics["per_class"]) == {"digit0", "digit1", "digit2"}
     assert "transfer_gain" in metrics
-    card = _json(tmp_path / "run/models/release/model_card.json")
+    card = read_json(tmp_path / "run/models/release/model_card.json")
     assert card["data_source"] == str(source) and card["task"]["pretraining"] == f"simclr on {source}"
     assert card["corpus_version"].startswith("corpus-") and card["corpus_source"] == str(source)

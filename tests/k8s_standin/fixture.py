@@ -105,6 +105,13 @@ class StandIn:
         with self.cluster.lock:
             return [p.obj for p in self.cluster.pods.values()]
 
+    def running(self, job: str | None = None, exclude: str | None = None, label: str = "job-name") -> list[dict]:
+        """Pods in phase Running and not being deleted; of Job `job` (and not of `exclude`) by `label`."""
+        return [p for p in self.pods() if p["status"]["phase"] == "Running"
+                and not p["metadata"].get("deletionTimestamp")
+                and (job is None or p["metadata"]["labels"].get(label) == job)
+                and (exclude is None or p["metadata"]["labels"].get(label) != exclude)]
+
     def jobs(self) -> list[dict]:
         with self.cluster.lock:
             return [s.obj for s in self.cluster.jobs.values()]
