@@ -6,18 +6,21 @@ old champion or the new one, never a mix.
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from pipeline import storage
 from pipeline.config import Config
-from pipeline.data.prepared import load_prepared
 from pipeline.model_card import CARD_MARKDOWN, with_run_report, write_markdown
-from pipeline.models.bundle import CLASSIFIER_FILE, load_classifier
 from pipeline.runinfo import read_usage
-from pipeline.stages.evaluate import predictions, score
 
 CHAMPION = "champion.json"
+CLASSIFIER_FILE = "finetuned.safetensors"  # pipeline/models/bundle.py's name, not imported: that module is torch's
+REPO_ROOT = Path(__file__).resolve().parents[1]
 LAST_EVALUATED = "last_evaluated.json"  # the data the newest challenger saw, promoted or not
 
 
@@ -38,24 +41,24 @@ def decide(cfg: Config, outputs: dict[str, str], registry: str, run_name: str,
     if champion is None:
         decision.update(promoted=True, reason="no champion yet")
     else:
-        data = load_prepared(outputs["prepared"])
         champion_model = storage.join(champion["release"], CLASSIFIER_FILE)
         decision["champion_run"] = champion["run"]
         # A release from before safetensors bundles has only a pickle, which is never loaded.
-        model, classes = load_classifier(champion_model) if storage.exists(champion_model) else (None, None)
-        if model is None:
+        if not storage.exists(champion_model):
             decision.update(promoted=True, reason=f"champion has no {CLASSIFIER_FILE} (an older pickle bundle, "
                                                   "never loaded); champion not comparable")
-        elif classes != data.class_names:
-            decision.update(promoted=True, reason=f"classes changed ({classes} -> {data.class_names}); "
-                                                  "champion not comparable")
         else:
             # Re-score the champion on *this* test set: the data may have changed since it was promoted.
-            current = score(*predictions(model, data.split("test"), cfg.evaluate.batch_size))[0]["accuracy"]
-            decision["champion_accuracy"] = current
-            won = challenger > current + cfg.evaluate.promotion_margin
-            decision.update(promoted=won, reason=f"challenger {challenger:.4f} vs champion {current:.4f} "
-                                                  f"+ margin {cfg.evaluate.promotion_margin}")
+            scored = rescore(champion_model, outputs["prepared"], cfg.evaluate.batch_size)
+            if scored["accuracy"] is None:
+                decision.update(promoted=True, reason=f"classes changed ({scored['classes']} -> "
+                                                      f"{scored['data_classes']}); champion not comparable")
+            else:
+                current = scored["accuracy"]
+                decision["champion_accuracy"] = current
+                won = challenger > current + cfg.evaluate.promotion_margin
+                decision.update(promoted=won, reason=f"challenger {challenger:.4f} vs champion {current:.4f} "
+                                                      f"+ margin {cfg.evaluate.promotion_margin}")
     release = storage.join(registry, "releases", run_name)
     decision["release"] = release
     _archive(outputs["release"], release, decision, stages or {}, read_usage(cfg, "evaluate"))
@@ -68,6 +71,17 @@ def decide(cfg: Config, outputs: dict[str, str], registry: str, run_name: str,
             "data_version": metrics["data_version"], "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
     return decision
+
+
+def rescore(model_uri: str, prepared_uri: str, batch_size: int) -> dict:
+    """`pipeline score` in a process of its own (the flow process stays free of torch) -> its JSON line."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "pipeline", "score", "--model", model_uri, "--prepared", prepared_uri,
+                           "--batch-size", str(batch_size)], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"re-scoring the champion {model_uri} failed (exit {done.returncode}): "
+                           f"{done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _archive(bundle: str, target: str, decision: dict, stages: dict[str, str], report: dict | None) -> None:

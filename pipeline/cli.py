@@ -42,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:
                               "URI: a release folder or a .safetensors model file, local or s3://")
     predict.add_argument("--out", metavar="FILE.csv|FILE.json", help="also write the predictions to this file")
     predict.add_argument("--batch-size", type=int, help="images per forward pass (default: evaluate.batch_size)")
+    score = commands.add_parser(
+        "score", help="a released model's test accuracy on a prepared dataset, as one JSON line",
+        description="Print {classes, data_classes, accuracy} as JSON: the promotion gate re-scores the champion "
+                    "with it on the run's test set (accuracy null when the classes differ).")
+    score.add_argument("--model", required=True, metavar="URI", help="a .safetensors classifier, local or s3://")
+    score.add_argument("--prepared", required=True, metavar="URI", help="a prepared dataset (its test split is scored)")
+    score.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
     k8s = commands.add_parser("k8s", help="Kubernetes helpers (no cluster needed)")
     k8s_commands = k8s.add_subparsers(dest="k8s_command", required=True, metavar="COMMAND")
     render = k8s_commands.add_parser(
@@ -107,6 +114,13 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.predict import run as predict  # lazy: stages never import it (dvc.yaml deps)
 
             return predict(args)
+        if args.command == "score":
+            import json
+
+            from pipeline.stages.evaluate import score_model
+
+            print(json.dumps(score_model(args.model, args.prepared, args.batch_size)), flush=True)
+            return 0
         cfg = load_config(args.params, args.overrides)
         if args.command == "show-config":
             import yaml

@@ -14,7 +14,6 @@ import platform
 import subprocess
 import time
 
-import torch
 
 USAGE_DIR = "usage"
 
@@ -30,6 +29,8 @@ def git_commit() -> str | None:
 
 
 def hardware() -> dict:
+    import torch  # here: the flows read run reports (read_usage) without importing torch
+
     info = {
         "platform": platform.platform(),
         "python": platform.python_version(),

@@ -48,6 +48,17 @@ def score(logits: torch.Tensor, labels: torch.Tensor) -> tuple[dict, torch.Tenso
     }, predicted
 
 
+def score_model(model_uri: str, prepared_uri: str, batch_size: int) -> dict:
+    """A released model on a prepared dataset's test split -> {classes, data_classes, accuracy}; accuracy is None
+    when the model's classes are not the data's (not comparable). `pipeline score` runs it for the promotion gate,
+    which re-scores the champion on this run's test set in a process of its own: the flow imports no torch."""
+    data = load_prepared(prepared_uri)
+    model, classes = load_classifier(model_uri)
+    accuracy = score(*predictions(model, data.split("test"), batch_size))[0]["accuracy"] \
+        if classes == data.class_names else None
+    return {"classes": classes, "data_classes": data.class_names, "accuracy": accuracy}
+
+
 def per_class(labels: torch.Tensor, predicted: torch.Tensor, classes: list[str]) -> dict:
     precision, recall, _, support = precision_recall_fscore_support(
         labels.numpy(), predicted.numpy(), labels=list(range(len(classes))), zero_division=0
