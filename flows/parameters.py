@@ -56,6 +56,4 @@ class TrainingParameters(BaseModel):
             "seed": self.seed,
             "evaluate.promotion_margin": self.promotion_margin,
         }
-        if (self.devices or 1) * (self.num_nodes or 1) > 1:
-            mapping["trainer.strategy"] = "ddp"
         return [f"{key}={value}" for key, value in mapping.items() if value is not None] + list(self.extra_overrides)

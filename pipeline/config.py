@@ -120,7 +120,7 @@ class TrainerConfig(_Section):
     num_nodes: int = Field(1, ge=1)
     """Nodes; world size = num_nodes x devices. Set per pod by the Kubernetes launcher."""
     strategy: Literal["auto", "ddp", "ddp_spawn", "fsdp"] = "auto"
-    """Distribution strategy; `ddp` for multi-GPU or multi-node."""
+    """Distribution strategy; `auto` becomes `ddp` when more than one device trains (world size > 1)."""
     precision: Precision = "32-true"
     """`32-true`, `bf16-mixed` (Ampere and newer) or `16-mixed` (with loss scaling)."""
     compile: bool = False
@@ -141,6 +141,14 @@ class TrainerConfig(_Section):
     def world_size(self) -> int:
         """Processes training together: num_nodes x devices."""
         return self.num_nodes * self.devices
+
+    @model_validator(mode="after")
+    def _ddp_when_distributed(self) -> "TrainerConfig":
+        # The one place of the rule "more than one device means DDP": flow forms, the Kubernetes launcher
+        # and `dvc repro` all set devices and nodes only.
+        if self.strategy == "auto" and self.world_size > 1:
+            self.strategy = "ddp"
+        return self
 
 
 class OptimizerConfig(_Section):

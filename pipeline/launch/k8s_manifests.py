@@ -49,12 +49,11 @@ def master_addr(job_name: str, namespace: str, cluster_domain: str = "cluster.lo
 
 
 def trainer_args(cfg: KubernetesLaunchConfig) -> list[str]:
-    """Lightning settings that make world size = nodes x devices on every rank."""
+    """Lightning settings that make world size = nodes x devices on every rank (DDP follows from the config's
+    own rule, TrainerConfig._ddp_when_distributed)."""
     devices = max(cfg.gpus_per_node, 1)
     args = {"trainer.num_nodes": cfg.nodes, "trainer.devices": devices,
             "trainer.accelerator": "gpu" if cfg.gpus_per_node else "cpu"}
-    if cfg.nodes * devices > 1:
-        args["trainer.strategy"] = "ddp"
     return [part for key, value in args.items() for part in ("--set", f"{key}={value}")]
 
 

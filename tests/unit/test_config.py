@@ -233,3 +233,12 @@ def test_paths_uri_joins_root():
     assert PathsConfig(root="s3://bucket/x", pretrain="/abs/pretrain").uri("pretrain") == "/abs/pretrain"
     assert PathsConfig(root="/tmp/run", release="s3://b/release").uri("release") == "s3://b/release"
     assert PathsConfig(root="").uri("checkpoints") == "checkpoints"
+
+
+@pytest.mark.parametrize("settings, strategy", [
+    ({"trainer.devices": 2}, "ddp"), ({"trainer.num_nodes": 2}, "ddp"), ({}, "auto"),
+    ({"trainer.devices": 2, "trainer.strategy": "fsdp"}, "fsdp"), ({"trainer.strategy": "ddp"}, "ddp"),
+])
+def test_more_than_one_device_means_ddp_unless_a_strategy_is_named(settings, strategy):
+    cfg = load_config(PARAMS, [f"{key}={value}" for key, value in settings.items()])
+    assert cfg.trainer.strategy == strategy

@@ -4,6 +4,8 @@ from __future__ import annotations
 import kubernetes_validate
 import pytest
 
+from pipeline.config import load_config
+
 from pipeline.launch.k8s_manifests import (
     COMPLETION_INDEX_ANNOTATION, K8S_SCHEMA_VERSION, KubernetesLaunchConfig, master_addr,
     new_job_name, render_job, render_service,
@@ -44,7 +46,9 @@ def test_gpu_job_sets_rendezvous_ranks_and_world_size():
     assert env["PIPELINE_DDP_TIMEOUT_S"]["value"] == "300"  # the collective (and rendezvous) wait is bounded
     args = container["args"]
     assert args[:3] == ["pretrain", "--set", "pretrain.max_steps=8"]
-    assert {"trainer.num_nodes=2", "trainer.devices=8", "trainer.accelerator=gpu", "trainer.strategy=ddp"} <= set(args)
+    assert {"trainer.num_nodes=2", "trainer.devices=8", "trainer.accelerator=gpu"} <= set(args)
+    sets = [value for flag, value in zip(args, args[1:]) if flag == "--set" and value.startswith("trainer.")]
+    assert load_config(None, sets).trainer.strategy == "ddp"  # the config's own rule
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
