@@ -11,10 +11,14 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 from prefect import get_run_logger
 
 from flows.parameters import TrainingParameters
+from pipeline import storage
+from pipeline.config import Config
+from pipeline.errors import ConfigError, UserInputError
 
 
 def delete_jobs_hook(flow, flow_run, state) -> None:
@@ -62,3 +66,28 @@ def _alive(label_values: set[str]) -> list[str]:
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)), limit=len(ids))
     return [str(run.id) for run in runs if run.state is None or not run.state.is_final()]
+
+
+def check_kubernetes_storage(cfg: Config, project: Path) -> None:
+    """Flow-run pods keep nothing: artifacts and the registry must be on storage every pod reaches,
+    with credentials that work (the S3 Secret, or IRSA). Exit 2 naming what is missing, before any Job."""
+    registry = cfg.paths.project_uri("registry", project)
+    problems = []
+    if not storage.is_remote(cfg.paths.root):
+        problems.append("paths.root: launcher=kubernetes needs artifacts on storage every pod can reach "
+                        "(e.g. s3://bucket/prefix); pods cannot write into this workspace")
+    if not storage.is_remote(registry):
+        problems.append(f"paths.registry: {registry!r} is inside the flow-run pod, which is thrown away after the "
+                        "run; set it to s3://bucket/prefix so the champion and last evaluation persist")
+    if problems:
+        raise ConfigError(problems)
+    remote = cfg.paths.project_uri("dvc_remote", project)
+    try:
+        storage.check_buckets([cfg.paths.root, registry, *([remote] if storage.is_remote(remote) else [])])
+    except UserInputError as exc:
+        from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
+
+        secret = KubernetesLaunchConfig.from_env().env_from_secret
+        hint = (f"the flow-run pod reads S3 credentials from Secret {secret!r} (docs/kubernetes.md, step 2)"
+                if secret else "no Secret is configured (env_from_secret: null): IRSA/workload identity must apply")
+        raise type(exc)([*exc.problems, hint]) from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
 
 PROJECT_FILES = ("dvc.yaml", ".dvcignore")
 CODE_DIRS = ("pipeline",)
+# Stages run concurrently in the flow's threads, but a DVC repo is opened with the workspace as the process's
+# cwd (dvc_repo) and writes one dvc.lock: every DVC operation of the process takes this lock; the stages'
+# own processes (or pods) run outside it.
+_DVC_LOCK = threading.RLock()
 
 
 @dataclass
@@ -114,13 +119,14 @@ def dvc_repo(ws: Workspace) -> Iterator["Repo"]:
     """Open the workspace's DVC repo with it as cwd: DVC resolves stage paths against the cwd."""
     from dvc.repo import Repo
 
-    previous = os.getcwd()
-    os.chdir(ws.root)
-    try:
-        with Repo(str(ws.root)) as repo:
-            yield repo
-    finally:
-        os.chdir(previous)
+    with _DVC_LOCK:
+        previous = os.getcwd()
+        os.chdir(ws.root)
+        try:
+            with Repo(str(ws.root)) as repo:
+                yield repo
+        finally:
+            os.chdir(previous)
 
 
 def push(ws: Workspace, targets: list[str] | None = None) -> bool:

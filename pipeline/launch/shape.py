@@ -3,7 +3,7 @@
     base = KubernetesLaunchConfig.from_env()                 # ConfigMap training-launch (base + overlay)
     cfg = stage_launch_config(base, "pretrain", user_overrides(params.overrides()))
 
-Pure functions, no API calls: the flow (`flows/training.py:make_launcher`) and
+Pure functions, no API calls: the flow (`flows/stage_task.py:make_launcher`) and
 `pipeline k8s render` both use them, so what `render` prints is what the flow submits.
 
 Rules (the launch ConfigMap is the source of truth; params.yaml's trainer section is not

@@ -69,7 +69,7 @@ def test_bad_data_makes_the_stage_exit_2_and_it_is_not_retried(flow_env, tmp_pat
     """A truncated image passes listing and versioning (its header and hash are fine); `prepare`, which
     decodes it, rejects it with exit 2."""
     from flows.parameters import TrainingParameters
-    from flows.training import StageInputError
+    from flows.stage_task import StageInputError
 
     source = tmp_path / "images"
     write_digit_pngs(source, classes=3, per_class=6)

@@ -92,7 +92,7 @@ def test_conflicts_are_config_errors_naming_both_values(base, items, named):
 
 def test_flow_parameter_conflict_fails_before_any_job(monkeypatch):
     from flows.parameters import TrainingParameters
-    from flows.training import kubernetes_launch_config
+    from flows.stage_task import kubernetes_launch_config
 
     monkeypatch.setenv("PIPELINE_K8S_CONFIG", (K8S / "base" / "launch-base.json").read_text())
     monkeypatch.setenv("PIPELINE_K8S_OVERRIDES", (K8S / "overlays" / "gpu" / "launch.json").read_text())
@@ -124,19 +124,19 @@ def test_pods_get_the_data_version_pin_but_keep_the_remote_source(tmp_path):
     from types import SimpleNamespace
 
     from flows.parameters import TrainingParameters
-    from flows.training import _pin_data
+    from flows.versioning import pin_data
 
     ws = SimpleNamespace(params_file=tmp_path / "params.yaml")
     ws.params_file.write_text((Path(__file__).resolve().parents[2] / "params.yaml").read_text())
     source = "s3://bucket/images"
     params = TrainingParameters(launcher="kubernetes", data_source=source, extra_overrides=["seed=3"])
-    cfg, pod_params = _pin_data(ws, params, {"source": source, "data_version": "abc123", "snapshot": "data/source.dvc"})
+    cfg, pod_params = pin_data(ws, params, {"source": source, "data_version": "abc123", "snapshot": "data/source.dvc"})
     assert (cfg.data.source, cfg.data.version) == ("data/source", "abc123")  # the workspace reads the snapshot
     shipped = pod_params.overrides()
     assert f"data.source={source}" in shipped and "data.version=abc123" in shipped and "seed=3" in shipped
     assert "data.source=data/source" not in shipped
     local = TrainingParameters(launcher="local", data_source="/data/images")
-    assert _pin_data(ws, local, {"source": "/data/images", "data_version": "abc123", "snapshot": "data/source.dvc"})[1] == local
+    assert pin_data(ws, local, {"source": "/data/images", "data_version": "abc123", "snapshot": "data/source.dvc"})[1] == local
     with pytest.raises(ConfigError, match="data.source: '/data/images'"):
-        _pin_data(ws, local.model_copy(update={"launcher": "kubernetes"}), {"source": "/data/images",
+        pin_data(ws, local.model_copy(update={"launcher": "kubernetes"}), {"source": "/data/images",
                                                                            "data_version": "abc123"})
