@@ -19,7 +19,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
-from prefect.futures import wait
+from prefect.futures import as_completed, wait
 
 from flows import stage_cache
 from flows import workspace as wsmod
@@ -91,16 +91,9 @@ def train(params: TrainingParameters = TrainingParameters()) -> dict:
         pins = [item for plan in plans.values() for item in plan.overrides()]
         cfg = update_params_file(ws.params_file, pins)
         params = params.model_copy(update={"extra_overrides": [*params.extra_overrides, *pins]})
-    # Every stage is submitted at once with its dvc.yaml upstreams as wait_for: a stage starts when they are
-    # done, so independent ones (prepare and corpus) run together, at most PARALLEL_STAGES at a time (on
-    # Kubernetes one Job each). Prefect records the upstreams as the task run's inputs: the UI's run graph
-    # draws the chain, with prepare and corpus side by side. A failed stage's downstream never starts.
-    upstream, futures = upstream_stages(ws.root / "dvc.yaml"), {}
-    for stage in order:
-        futures[stage] = run_stage.submit(ws, stage, params, run_id, tracked, plans.get(stage),
-                                          wait_for=[futures[up] for up in upstream.get(stage, []) if up in futures])
-    wait(list(futures.values()))  # a failure is raised below only once its siblings have ended too
-    outcomes = {stage: futures[stage].result() for stage in order}  # the first failure, in dvc.yaml order
+    outcomes = _run_stages(order, upstream_stages(ws.root / "dvc.yaml"),
+                           lambda stage, after: run_stage.submit(ws, stage, params, run_id, tracked, plans.get(stage),
+                                                                 wait_for=after))
     # Artifacts on s3:// are not DVC outputs, but the source snapshot still goes to the remote.
     snapshots = [s for s in (data["snapshot"], data["corpus"]["snapshot"]) if s]
     pushed = wsmod.push(ws) if tracked else bool(snapshots) and wsmod.push(ws, snapshots)
@@ -112,6 +105,29 @@ def train(params: TrainingParameters = TrainingParameters()) -> dict:
     logger.info("stages: %s; pushed to remote: %s", outcomes, pushed)
     return {"run": run_name, "workspace": str(ws.root), "data": data, "stages": outcomes,
             "metrics": metrics, "promotion": decision}
+
+
+def _run_stages(order: list[str], upstream: dict[str, list[str]], submit) -> dict[str, str]:
+    """Run the stages as their inputs become ready -> {stage: outcome}.
+
+    A stage is submitted once its dvc.yaml upstreams have succeeded, so independent ones (prepare and corpus)
+    run together, up to parallel_stages() at once (on Kubernetes one Job each). Its upstreams' futures go in as
+    wait_for: Prefect records them as the task run's inputs, and the UI's run graph draws the chain with
+    prepare and corpus side by side. Once a stage fails nothing new starts: the stages still running end,
+    then the failure is raised (exit 2 stays exit 2)."""
+    futures, running, outcomes, waiting = {}, {}, {}, list(order)
+    while waiting or running:
+        for stage in [s for s in waiting if all(up in outcomes for up in upstream.get(s, []))]:
+            waiting.remove(stage)
+            running[stage] = futures[stage] = submit(stage, [futures[up] for up in upstream.get(stage, [])])
+        done = next(as_completed(list(running.values())))
+        stage = next(name for name, future in running.items() if future is done)
+        del running[stage]
+        if not done.state.is_completed():
+            wait(list(running.values()))
+            done.result()  # raises the stage's error
+        outcomes[stage] = done.result()
+    return {stage: outcomes[stage] for stage in order}
 
 
 @flow(name="retrain", log_prints=True)
