@@ -24,7 +24,8 @@ from bench import parity, transfer
 from bench.common import hardware, quiet
 import torch
 
-from pipeline.config import Config, load_config
+from pipeline.config import Config
+from pipeline.params import load_config
 from pipeline.data.prepared import load_prepared
 from pipeline.data.tasks import TaskArrays, to_tensor
 from pipeline.stages import corpus, prepare, pretrain

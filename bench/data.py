@@ -108,7 +108,7 @@ def image_folder(count: int) -> tuple[Path, int]:
 
 
 def bench_prepare(work: Path, count: int) -> dict:
-    from pipeline.config import load_config
+    from pipeline.params import load_config
     from pipeline.stages import prepare
 
     folder, nbytes = image_folder(count)

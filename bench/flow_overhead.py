@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="flow-overhead-"))
     project = _copy_project(tmp / "project")
-    from pipeline.config import update_params_file
+    from pipeline.params import update_params_file
 
     update_params_file(project / "params.yaml", [f"paths.runs={tmp / 'runs'}", f"paths.registry={tmp / 'registry'}",
                                                  f"paths.dvc_remote={tmp / 'dvc-remote'}"])

@@ -42,7 +42,8 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import Stopwatch, hardware, pretrain_classifier, quiet, raw_training_steps
-from pipeline.config import Config, TrainerConfig, load_config
+from pipeline.config import Config, TrainerConfig
+from pipeline.params import load_config
 from pipeline.data.glyphs import GLYPHS, render_glyphs
 from pipeline.data.tasks import TaskArrays, to_tensor
 from pipeline.models.classifier import Classifier

@@ -37,7 +37,7 @@ import torch
 
 from bench.common import Stopwatch, hardware, pretrain_classifier, quiet
 from bench.gpu import ThroughputProbe, peak_gpu_memory_gib
-from pipeline.config import load_config
+from pipeline.params import load_config
 from pipeline.data.shards import Sample, SplitShards, samples_per_shard, write_split
 from pipeline.data.stream import InMemorySplit
 from pipeline.training import FitPlan, fit

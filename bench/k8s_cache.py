@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     import pipeline.launch.kubernetes as kubernetes
     from flows.parameters import TrainingParameters
     from flows.training import train
-    from pipeline.config import update_params_file
+    from pipeline.params import update_params_file
     from tests.conftest import TINY
     from tests.k8s_standin import StandIn
     from tests.prefect_fixtures import copy_project

@@ -64,7 +64,7 @@ def main() -> None:
 
     from pipeline import s3 as s3_settings
     from pipeline import storage
-    from pipeline.config import load_config
+    from pipeline.params import load_config
     from pipeline.stages import stage_runner
     from tests.s3_fixtures import AWS_ENV
 

@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.common import pretrain_classifier
 from bench.gpu import DIGITS_SHAPE, REPO, glyph_data, lightning_throughput, torch_throughput
-from pipeline.config import load_config
+from pipeline.params import load_config
 from pipeline.data.glyphs import GLYPHS
 
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cudaMemcpyAsync")

@@ -17,7 +17,7 @@ from flows import stage_cache
 from flows import workspace as wsmod
 from flows.parameters import TrainingParameters
 from flows.progress import StageProgress
-from pipeline.config import load_config
+from pipeline.params import load_config
 from pipeline.errors import EXIT_SIGTERM, EXIT_USER_ERROR, ConfigError, UserInputError
 from pipeline.launch import StageCommand
 from pipeline.launch.kubernetes import KubernetesLaunchError

@@ -31,7 +31,8 @@ from flows.promotion import LAST_EVALUATED, champion_pointer, decide
 from flows.stage_task import StageInputError, kubernetes_launch_config, run_stage
 from flows.versioning import pin_data, version_data
 from pipeline import storage
-from pipeline.config import Config, apply_overrides, build_config, read_params, update_params_file
+from pipeline.config import Config
+from pipeline.params import apply_overrides, build_config, read_params, update_params_file
 from pipeline.errors import EXIT_USER_ERROR, ConfigError, UserInputError
 from pipeline.launch.shape import TRAINING_STAGES
 

@@ -7,7 +7,8 @@ from prefect import get_run_logger, task
 from flows import workspace as wsmod
 from flows.parameters import TrainingParameters
 from pipeline import storage
-from pipeline.config import Config, load_config, update_params_file
+from pipeline.config import Config
+from pipeline.params import load_config, update_params_file
 from pipeline.errors import ConfigError
 
 

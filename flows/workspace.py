@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from pipeline.config import apply_overrides, build_config, read_params
+from pipeline.params import apply_overrides, build_config, read_params
 
 if TYPE_CHECKING:
     from dvc.repo import Repo

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from types import FrameType
 
-from pipeline.config import DEFAULT_PARAMS, load_config
+from pipeline.config import DEFAULT_PARAMS
+from pipeline.params import load_config
 from pipeline.errors import EXIT_SIGTERM, EXIT_USER_ERROR, ConfigError, PreflightError, Terminated, UserInputError
 from pipeline.stages import STAGES, stage_runner
 

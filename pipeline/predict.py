@@ -37,7 +37,8 @@ class Prediction:
 
 
 def _config(args: argparse.Namespace):
-    from pipeline.config import DEFAULT_PARAMS, load_config
+    from pipeline.config import DEFAULT_PARAMS
+    from pipeline.params import load_config
 
     # No params file is needed to classify with a release: the default params.yaml is read only if present.
     # (Not via set_defaults(params=None) on the subparser: argparse shares the parent's --params action, so

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.config import Config, load_config
+from pipeline.config import Config
+from pipeline.params import load_config
 from pipeline.localserver import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

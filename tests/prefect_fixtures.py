@@ -51,7 +51,7 @@ def copy_project(dest: Path) -> Path:
 
 def set_paths(project: Path, **paths) -> None:
     """Write `paths.<key>: value` into a project copy's params.yaml (where the flow reads them)."""
-    from pipeline.config import update_params_file
+    from pipeline.params import update_params_file
 
     update_params_file(project / "params.yaml", [f"paths.{key}={value}" for key, value in paths.items()])
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import parse_override
+from pipeline.params import parse_override
 from pipeline.errors import ConfigError
 from pipeline.launch.k8s_manifests import KubernetesLaunchConfig, new_job_name, render_job, render_service
 from pipeline.launch.k8s_settings import PodResources

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from pipeline.config import load_config
+from pipeline.params import load_config
 from pipeline.stages import stage_runner
 from tests.conftest import PYTHON, TINY, free_port, sets, subprocess_env
 

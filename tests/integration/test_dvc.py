@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import apply_overrides, build_config, update_params_file
+from pipeline.params import apply_overrides, build_config, update_params_file
 from pipeline.stages import STAGES
 from tests.conftest import PYTHON, REPO_ROOT, TINY, dvc_env
 

@@ -66,7 +66,7 @@ def test_flow_outputs_restore_in_a_clean_clone_without_recomputing(flow_env, tmp
 def test_dvc_repro_in_a_clean_clone_is_restored_by_the_flow(flow_env, tmp_path: Path):
     from flows.parameters import TrainingParameters
     from flows.training import train
-    from pipeline.config import apply_overrides, read_params
+    from pipeline.params import apply_overrides, read_params
 
     overrides = [*TINY, "seed=12"]
     params = apply_overrides(read_params(flow_env.project / "params.yaml"), overrides)

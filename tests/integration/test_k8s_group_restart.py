@@ -179,7 +179,7 @@ STEP = r"\[rank 0\] \[pretrain\] step (\d+)/(\d+)"
 
 def _pretrain(standin, tmp_path: Path, s3, name: str, evict_rank: int | None) -> dict:
     """Prepare locally, then a 2-node pretrain through the launcher; optionally evict a rank at step >= 10."""
-    from pipeline.config import load_config
+    from pipeline.params import load_config
     from pipeline.stages import stage_runner
     from tests.conftest import PARAMS
 

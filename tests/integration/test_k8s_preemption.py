@@ -34,7 +34,7 @@ def _run_and_evict(standin, tmp_path, s3, nodes: int, evict_index: int) -> tuple
     root = s3.uri("artifacts")
     sets = [*LONG_TINY, f"paths.root={root}"]
     pod_env = standin.lend_s3(s3.endpoint)
-    from pipeline.config import load_config
+    from pipeline.params import load_config
     from pipeline.stages import stage_runner
     from tests.conftest import PARAMS
 

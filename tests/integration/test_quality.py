@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import load_config
+from pipeline.params import load_config
 from pipeline.stages import stage_runner
 from tests.conftest import PARAMS
 

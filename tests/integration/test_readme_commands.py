@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.config import update_params_file
+from pipeline.params import update_params_file
 from pipeline.stages import STAGES
 from tests.conftest import PYTHON, REPO_ROOT, dvc_env, write_png
 from tests.integration.test_dvc import _copy_project

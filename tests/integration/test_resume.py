@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import load_config
+from pipeline.params import load_config
 from pipeline.models.bundle import load_backbone
 from pipeline.stages import stage_runner
 from tests.conftest import PYTHON, TINY, run_cli, sets, sigterm_at_step, step_numbers

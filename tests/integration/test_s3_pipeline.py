@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from pipeline import storage
-from pipeline.config import apply_overrides, build_config, load_config
+from pipeline.params import apply_overrides, build_config, load_config
 from pipeline.stages import STAGES, stage_runner
 from tests.conftest import PARAMS, PYTHON, REPO_ROOT, TINY, sets, sigterm_at_step, step_numbers, subprocess_env
 from tests.prefect_fixtures import set_paths

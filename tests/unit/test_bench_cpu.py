@@ -9,7 +9,7 @@ import torch
 from bench import cpu, parity
 from bench.common import pretrain_classifier
 from bench.transfer import TestAccuracyProbe
-from pipeline.config import load_config
+from pipeline.params import load_config
 from pipeline.data.glyphs import GLYPHS
 from pipeline.data.tasks import TaskArrays
 from tests.conftest import PARAMS, TINY

@@ -7,10 +7,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from pipeline.config import (
-    Config, FinetuneConfig, PathsConfig, TrainerConfig, apply_overrides, build_config, load_config, parse_override,
-    read_params,
-)
+from pipeline.config import Config, FinetuneConfig, PathsConfig, TrainerConfig
+from pipeline.params import apply_overrides, build_config, load_config, parse_override, read_params
 from pipeline.errors import ConfigError
 from tests.conftest import PARAMS, REPO_ROOT
 

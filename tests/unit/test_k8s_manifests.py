@@ -4,7 +4,7 @@ from __future__ import annotations
 import kubernetes_validate
 import pytest
 
-from pipeline.config import load_config
+from pipeline.params import load_config
 
 from pipeline.launch.k8s_manifests import (
     COMPLETION_INDEX_ANNOTATION, K8S_SCHEMA_VERSION, KubernetesLaunchConfig, master_addr,

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import ModelConfig, load_config
+from pipeline.config import ModelConfig
+from pipeline.params import load_config
 from pipeline.errors import ConfigError
 from pipeline.models.backbones import ResidualBlock, ResNet, build_backbone
 from pipeline.models.classifier import Classifier

@@ -8,7 +8,7 @@ import pytest
 
 from flows.dag import stage_order
 from flows.stage_cache import plan
-from pipeline.config import load_config
+from pipeline.params import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
