@@ -77,7 +77,8 @@ def test_cancel_from_the_api_deletes_job_and_pods(k8s_standin, s3, tmp_path):  #
             _wait(pretrain_pods_running, "the pretrain pod to run", 240)
             with get_client(sync_client=True) as client:
                 client.set_flow_run_state(run.id, Cancelling())  # what the UI's Cancel button sends
-            _wait(lambda: not k8s_standin.jobs() and not k8s_standin.pods(), "Job and pods to be deleted", 30)
+            # The runner notices the cancel at its next poll, then the hook deletes the Job and waits out the pods.
+            _wait(lambda: not k8s_standin.jobs() and not k8s_standin.pods(), "Job and pods to be deleted", 120)
             with get_client(sync_client=True) as client:
                 _wait(lambda: client.read_flow_run(run.id).state.is_cancelled(), "the run to be Cancelled", 60)
         assert all(proc.poll() is not None for proc in k8s_standin.processes()), "a pod process outlived its pod"
