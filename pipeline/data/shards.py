@@ -155,14 +155,64 @@ def fetch_shard(uri: str) -> bytes:
     return storage.read_bytes(uri)
 
 
+def _parse_uniform(data: bytes, expected: int, out: np.ndarray) -> np.ndarray | None:
+    """The layout write_split gives, read in one strided copy -> labels; None when the shard is laid out otherwise.
+
+    Each sample is `<key>.cls` then `<key>.npy`, plain ustar records, every image with the same .npy header, so
+    sample i starts at i x stride and all pixels sit at one offset within it: numpy copies them straight into
+    `out` (~1 us a sample instead of ~12 us of per-member Python). Every header is still checked (ustar, regular
+    file, one key per pair, one .npy header) and nothing may follow the last sample, or the general path reads
+    the shard and names what is wrong with it."""
+    if expected < 1 or len(data) < 1024 or data[257:262] != b"ustar" or data[345:346] != b"\0":
+        return None
+    buf = np.frombuffer(data, np.uint8)
+    cls_size = int(data[124:136].rstrip(b"\0 ") or b"0", 8)
+    npy_at = 512 + (cls_size + 511) // 512 * 512
+    first_cls, first_npy = data[:100].rstrip(b"\0"), data[npy_at:npy_at + 100].rstrip(b"\0")
+    if not (0 < cls_size <= 512 and first_cls.endswith(b".cls") and first_npy == first_cls[:-3] + b"npy"):
+        return None
+    npy_size = int(data[npy_at + 124:npy_at + 136].rstrip(b"\0 ") or b"0", 8)
+    stride = npy_at + 512 + (npy_size + 511) // 512 * 512
+    payload = memoryview(data)[npy_at + 512:npy_at + 512 + npy_size]
+    header_len = 10 + int.from_bytes(payload[8:10], "little") if payload[6] == 1 else 12 + int.from_bytes(payload[8:12], "little")
+    if npy_size != header_len + out[0].nbytes or len(data) < expected * stride or buf[expected * stride:].any():
+        return None
+
+    def rows(offset: int, width: int) -> np.ndarray:
+        return np.lib.stride_tricks.as_strided(buf[offset:], (expected, width), (stride, 1), writeable=False)
+
+    cls_headers, npy_headers = rows(0, 512), rows(npy_at, 512)
+    names_differ = (cls_headers[:, :100] != npy_headers[:, :100]).sum(axis=1)  # ".cls" vs ".npy": 3 bytes
+    if not ((cls_headers[:, 257:262] == npy_headers[0, 257:262]).all() and (npy_headers[:, 257:262] == npy_headers[0, 257:262]).all()
+            and np.isin(cls_headers[:, 156], (48, 0)).all() and np.isin(npy_headers[:, 156], (48, 0)).all()
+            and (names_differ == 3).all() and (npy_headers[:, 124:136] == npy_headers[0, 124:136]).all()
+            and (cls_headers[:, 345:500] == 0).all() and (npy_headers[:, 345:500] == 0).all()
+            and (rows(npy_at + 512, header_len) == buf[npy_at + 512:npy_at + 512 + header_len]).all()):
+        return None
+    if _npy_image(payload).shape != out.shape[1:]:  # the shared .npy header (C-ordered uint8, or OSError)
+        return None
+    out.reshape(expected, -1)[:] = rows(npy_at + 512 + header_len, out[0].nbytes)
+    labels = np.empty(expected, dtype=np.int64)
+    for index in range(expected):
+        at = index * stride
+        labels[index] = int(data[at + 512:at + 512 + int(data[at + 124:at + 136].rstrip(b"\0 ") or b"0", 8)])
+    return labels
+
+
 def parse_shard(data: bytes, uri: str, expected: int, out: np.ndarray) -> np.ndarray:
     """Parse a shard's samples straight into `out` (uint8 (expected, H, W, C)) -> their labels (int64)."""
+    labels = _parse_uniform(data, expected, out)
+    if labels is not None:
+        return labels
     labels = np.empty(expected, dtype=np.int64)
     count = 0
-    for count, (_, image, label) in enumerate(iter_shard(data), start=1):
-        if count > expected:
-            break
-        out[count - 1], labels[count - 1] = image, label
+    try:
+        for count, (_, image, label) in enumerate(iter_shard(data), start=1):
+            if count > expected:
+                break
+            out[count - 1], labels[count - 1] = image, label
+    except (ValueError, KeyError, IndexError) as exc:  # a member cut short, or not what write_split writes
+        raise OSError(f"{uri}: unreadable sample {count} ({exc}) (truncated or replaced shard)") from None
     if count != expected:
         raise OSError(f"{uri}: {count if count <= expected else 'more'} samples, the manifest says {expected} "
                       "(truncated or replaced shard)")
