@@ -59,8 +59,6 @@ def samples_per_shard(image_hwc: tuple[int, int, int], shard_mb: int) -> int:
 
 def write_split(out_dir: Path, split: str, samples: Iterable[Sample], per_shard: int) -> list[dict]:
     """Write `samples` in order as shards of `per_shard` samples -> manifest entries [{name, samples}]."""
-    import webdataset as wds
-
     (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     entries: list[dict] = []
     writer = None
@@ -70,17 +68,56 @@ def write_split(out_dir: Path, split: str, samples: Iterable[Sample], per_shard:
                 if writer is not None:
                     writer.close()
                 name = f"{SHARD_DIR}/{split}-{len(entries):05d}.tar"
-                # mtime 0 (an int: no pax record needed): the same samples give byte-identical shards, so
-                # DVC and the stage cache see no change.
-                writer = wds.TarWriter(str(out_dir / name), mtime=0)
+                writer = _ShardWriter(out_dir / name)
                 entries.append({"name": name, "samples": 0})
-            writer.write({"__key__": sample.key, "npy": np.ascontiguousarray(sample.image, dtype=np.uint8),
-                          "cls": int(sample.label)})
+            writer.write(sample)
             entries[-1]["samples"] += 1
     finally:
         if writer is not None:
             writer.close()
     return entries
+
+
+class _ShardWriter:
+    """The bytes webdataset's TarWriter(mtime=0) writes for {"__key__", "cls", "npy"} samples, ~10x faster.
+
+    TarWriter encodes, sorts and copies each member through tarfile's stream (~200 us a 64x64x3 sample); this
+    writes the same records directly: tarfile's own header (tobuf, PAX format as `tarfile.open("w|")` uses,
+    mode 0o444, owner bigdata, mtime 0: the same samples give byte-identical shards, so DVC and the stage cache
+    see no change), the payload, NUL padding to 512, and the end-of-archive blocks padded to tarfile's record
+    size. tests/unit/test_shards.py compares the bytes with TarWriter's.
+    """
+
+    def __init__(self, path: Path):
+        self.file = open(path, "wb")  # noqa: SIM115 - closed by close()
+        self.offset = 0
+        self._npy_headers: dict[tuple, bytes] = {}
+
+    def _member(self, name: str, *parts: bytes | memoryview) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uname, info.gname = sum(len(p) for p in parts), 0, 0o444, "bigdata", "bigdata"
+        self._put(info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape"), *parts,
+                  b"\0" * (-info.size % tarfile.BLOCKSIZE))
+
+    def _put(self, *parts: bytes | memoryview) -> None:
+        for part in parts:
+            self.file.write(part)
+            self.offset += len(part)
+
+    def write(self, sample: Sample) -> None:
+        image = np.ascontiguousarray(sample.image, dtype=np.uint8)
+        header = self._npy_headers.get(image.shape)
+        if header is None:  # numpy's own .npy header for this shape (what np.save writes before the pixels)
+            stream = io.BytesIO()
+            np.lib.format.write_array(stream, image)
+            header = self._npy_headers[image.shape] = stream.getvalue()[:-image.nbytes or None]
+        self._member(f"{sample.key}.cls", str(int(sample.label)).encode("ascii"))  # sorted: cls before npy
+        self._member(f"{sample.key}.npy", header, memoryview(image).cast("B"))
+
+    def close(self) -> None:
+        self._put(b"\0" * (2 * tarfile.BLOCKSIZE))
+        self._put(b"\0" * (-self.offset % tarfile.RECORDSIZE))
+        self.file.close()
 
 
 def split_shards(dataset_uri: str, manifest: dict, split: str) -> SplitShards:
