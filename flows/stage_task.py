@@ -22,7 +22,6 @@ from pipeline.errors import EXIT_SIGTERM, EXIT_USER_ERROR, ConfigError, UserInpu
 from pipeline.launch import StageCommand
 from pipeline.launch.kubernetes import KubernetesLaunchError
 from pipeline.launch.local import LocalLauncher
-from pipeline.launch.shape import set_args
 
 
 def parallel_stages() -> int:
@@ -77,7 +76,7 @@ def make_launcher(params: TrainingParameters, workdir: Path, stage: str):
 
 @task(task_run_name="run_stage:{stage}", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_infra_only)
 def run_stage(ws: wsmod.Workspace, stage: str, params: TrainingParameters, run_id: str, dvc_tracked: bool,
-              cached: stage_cache.StagePlan | None = None) -> str | State:
+              cached: stage_cache.StagePlan | None = None, pod_params: str | None = None) -> str | State:
     """Restore from a cache if possible, else launch the stage, then record it.
 
     Returns the outcome ("ran", ...); a stage restored from a cache ends in a Completed state named
@@ -100,9 +99,10 @@ def run_stage(ws: wsmod.Workspace, stage: str, params: TrainingParameters, run_i
             logger.info("%s: %s, not re-run", stage, how)
             return _restored(stage, state, how)
     launcher = make_launcher(params, ws.root, stage)
-    # Pods run the image's params.yaml, not this workspace's: ship the flow's overrides with the command
-    # (for a pinned data source they include data.version: see _pin_data).
-    args = set_args(params.overrides()) if params.launcher == "kubernetes" else []
+    # Local stages run in the workspace and read its params.yaml; pods read the run's params file on storage
+    # (written once by the flow, with the version pins: see pin_data). The Kubernetes launcher adds the
+    # pod's shape (trainer.num_nodes, devices, accelerator) as --set: the one setting that depends on it.
+    args = ["--params", pod_params] if pod_params else []
     started = time.perf_counter()
     progress = StageProgress(stage, logger.info, parts=_progress_parts(ws, stage))
     code = None

@@ -16,6 +16,7 @@ import os
 import time
 from pathlib import Path
 
+import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
@@ -92,9 +93,12 @@ def train(params: TrainingParameters = TrainingParameters()) -> dict:
         pins = [item for plan in plans.values() for item in plan.overrides()]
         cfg = update_params_file(ws.params_file, pins)
         params = params.model_copy(update={"extra_overrides": [*params.extra_overrides, *pins]})
+    # The run's config is written once: local stages read the workspace's params.yaml; pods (which cannot see
+    # the workspace) read the same settings, with the original source URIs, from one file on storage.
+    pod_params = _write_pod_params(project, params, cfg, run_name) if params.launcher == "kubernetes" else None
     outcomes = _run_stages(order, upstream_stages(ws.root / "dvc.yaml"),
                            lambda stage, after: run_stage.submit(ws, stage, params, run_id, tracked, plans.get(stage),
-                                                                 wait_for=after))
+                                                                 pod_params, wait_for=after))
     # Artifacts on s3:// are not DVC outputs, but the source snapshot still goes to the remote.
     snapshots = [s for s in (data["snapshot"], data["corpus"]["snapshot"]) if s]
     pushed = wsmod.push(ws) if tracked else bool(snapshots) and wsmod.push(ws, snapshots)
@@ -106,6 +110,16 @@ def train(params: TrainingParameters = TrainingParameters()) -> dict:
     logger.info("stages: %s; pushed to remote: %s", outcomes, pushed)
     return {"run": run_name, "workspace": str(ws.root), "data": data, "stages": outcomes,
             "metrics": metrics, "promotion": decision}
+
+
+def _write_pod_params(project: Path, params: TrainingParameters, cfg: Config, run_name: str) -> str:
+    """The stage pods' params.yaml: the image's (this project's) with the run's overrides and pins, on storage
+    every pod reaches (`<paths.root>/runs/<run>/params.yaml`) -> its URI, which each pod gets as `--params`."""
+    raw = apply_overrides(read_params(project / "params.yaml"), params.overrides())
+    build_config(raw)  # validated as the pods will read it
+    uri = storage.join(cfg.paths.root, "runs", run_name, "params.yaml")
+    storage.write_bytes(uri, yaml.safe_dump(raw, sort_keys=False).encode())
+    return uri
 
 
 def _run_stages(order: list[str], upstream: dict[str, list[str]], submit) -> dict[str, str]:

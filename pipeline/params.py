@@ -67,11 +67,20 @@ def build_config(raw: dict[str, Any] | None) -> Config:
 
 
 def read_params(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: params file not found")
+    """A params file: a local path, or a URI (s3://...: the file a flow writes once for its stage pods)."""
+    if "://" in str(path):
+        from pipeline import storage
+
+        if not storage.exists(str(path)):
+            raise ConfigError(f"{path}: params file not found")
+        text = storage.read_bytes(str(path)).decode()
+    else:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"{path}: params file not found")
+        text = path.read_text()
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):

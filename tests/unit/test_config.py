@@ -240,3 +240,14 @@ def test_paths_uri_joins_root():
 def test_more_than_one_device_means_ddp_unless_a_strategy_is_named(settings, strategy):
     cfg = load_config(PARAMS, [f"{key}={value}" for key, value in settings.items()])
     assert cfg.trainer.strategy == strategy
+
+
+def test_a_params_file_is_read_from_a_uri_as_from_a_path(tmp_path):
+    """Stage pods get the run's params file as `--params <uri>` (on S3 there; any fsspec URI reads the same)."""
+    from pipeline.errors import ConfigError
+
+    copy = tmp_path / "params.yaml"
+    copy.write_text(PARAMS.read_text())
+    assert load_config(f"file://{copy}", ["seed=7"]) == load_config(copy, ["seed=7"])
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_config(f"file://{tmp_path / 'missing.yaml'}")
