@@ -127,8 +127,9 @@ def set_args(overrides: list[str]) -> list[str]:
 
 def render_stage(base: KubernetesLaunchConfig, stage: str, overrides: list[str], run_id: str,
                  owner: dict | None = None) -> list[dict]:
-    """[Job, Service] exactly as the launcher submits them for `stage` (a fresh job name; the Service's
-    ownerReference to the Job is added by the launcher once the API has given the Job its uid)."""
+    """[Job, Service] as the launcher submits them for `stage` (a fresh job name; the Service's ownerReference to
+    the Job is added by the launcher once the API has given the Job its uid). A flow's pods get the run's params
+    file as `--params <uri>`; here `overrides` stand in for it as `--set` args."""
     cfg = stage_launch_config(base, stage, user_overrides(overrides))
     job_name = new_job_name(stage, run_id)
     return [render_job(cfg, job_name, stage, set_args(overrides), run_id, {}, owner),
