@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from pipeline.launch.k8s_manifests import K8S_SCHEMA_VERSION
+from pipeline.params import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 H100 = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
@@ -42,7 +43,9 @@ def test_pretrain_on_the_gpu_overlay_is_two_nodes_of_eight_gpus():
     assert pod["nodeSelector"] == H100 and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     args = container["args"]
     assert args[:3] == ["pretrain", "--set", "pretrain.epochs=3"]
-    assert {"trainer.num_nodes=2", "trainer.devices=8", "trainer.accelerator=gpu", "trainer.strategy=ddp"} <= set(args)
+    assert {"trainer.num_nodes=2", "trainer.devices=8", "trainer.accelerator=gpu"} <= set(args)
+    shape = [value for flag, value in zip(args, args[1:]) if flag == "--set" and value.startswith("trainer.")]
+    assert load_config(None, shape).trainer.strategy == "ddp"  # DDP follows from the config's own rule
     assert job["metadata"]["labels"]["pipeline.example/flow-run-id"] == "run-42"
     assert svc["metadata"]["name"] == job["metadata"]["name"] == pod["subdomain"]
 
