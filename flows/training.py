@@ -45,9 +45,14 @@ def project_root() -> Path:
     return Path(os.environ.get("PIPELINE_PROJECT") or Path(__file__).resolve().parent.parent)
 
 
+def effective_params(params: TrainingParameters, project: Path | None = None) -> dict:
+    """params.yaml + the flow's overrides, as the YAML mapping (not yet validated)."""
+    return apply_overrides(read_params((project or project_root()) / "params.yaml"), params.overrides())
+
+
 def effective_config(params: TrainingParameters, project: Path | None = None) -> Config:
     """params.yaml + the flow's overrides, validated (exit-2 errors before any work)."""
-    return build_config(apply_overrides(read_params((project or project_root()) / "params.yaml"), params.overrides()))
+    return build_config(effective_params(params, project))
 
 
 @task
@@ -115,7 +120,7 @@ def train(params: TrainingParameters = TrainingParameters()) -> dict:
 def _write_pod_params(project: Path, params: TrainingParameters, cfg: Config, run_name: str) -> str:
     """The stage pods' params.yaml: the image's (this project's) with the run's overrides and pins, on storage
     every pod reaches (`<paths.root>/runs/<run>/params.yaml`) -> its URI, which each pod gets as `--params`."""
-    raw = apply_overrides(read_params(project / "params.yaml"), params.overrides())
+    raw = effective_params(params, project)
     build_config(raw)  # validated as the pods will read it
     uri = storage.join(cfg.paths.root, "runs", run_name, "params.yaml")
     storage.write_bytes(uri, yaml.safe_dump(raw, sort_keys=False).encode())
