@@ -171,9 +171,14 @@ def _npy_header(header: bytes) -> tuple[tuple[int, ...], int]:
     return shape, stream.tell()
 
 
+def _npy_header_len(payload: memoryview) -> int:
+    """Bytes before the pixels in a .npy payload: magic, version, header length field and header (format 1 or 2)."""
+    return 10 + int.from_bytes(payload[8:10], "little") if payload[6] == 1 else 12 + int.from_bytes(payload[8:12], "little")
+
+
 def _npy_image(payload: memoryview) -> np.ndarray:
     # The pixels follow the .npy header: a view of them, not np.load's copy through a file object.
-    header_len = 10 + int.from_bytes(payload[8:10], "little") if payload[6] == 1 else 12 + int.from_bytes(payload[8:12], "little")
+    header_len = _npy_header_len(payload)
     shape, offset = _npy_header(bytes(payload[:header_len]))
     return np.frombuffer(payload, dtype=np.uint8, offset=offset).reshape(shape)
 
@@ -211,7 +216,7 @@ def _parse_uniform(data: bytes, expected: int, out: np.ndarray) -> np.ndarray | 
     npy_size = int(data[npy_at + 124:npy_at + 136].rstrip(b"\0 ") or b"0", 8)
     stride = npy_at + 512 + (npy_size + 511) // 512 * 512
     payload = memoryview(data)[npy_at + 512:npy_at + 512 + npy_size]
-    header_len = 10 + int.from_bytes(payload[8:10], "little") if payload[6] == 1 else 12 + int.from_bytes(payload[8:12], "little")
+    header_len = _npy_header_len(payload)
     if npy_size != header_len + out[0].nbytes or len(data) < expected * stride or buf[expected * stride:].any():
         return None
 
