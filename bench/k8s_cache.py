@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from kubernetes import client as k8s
     from prefect.testing.utilities import prefect_test_harness
 
-    import pipeline.launch.kubernetes as kubernetes
+    from pipeline.launch import k8s_api
     from flows.parameters import TrainingParameters
     from flows.training import train
     from pipeline.params import update_params_file
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     update_params_file(project / "params.yaml", [f"paths.runs={tmp / 'runs'}"])
     os.environ["PIPELINE_PROJECT"] = str(project)
     standin = StandIn(tmp / "standin")
-    kubernetes.default_api_client = standin.api_client
+    k8s_api.default_api_client = standin.api_client
     pods_see = {**credentials, "AWS_ENDPOINT_URL": standin.node_url(port)}  # moto as pods reach it
     k8s.CoreV1Api(standin.api_client()).create_namespaced_secret("ml-pipeline", k8s.V1Secret(
         metadata=k8s.V1ObjectMeta(name="s3-credentials"), string_data=pods_see))

@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 from pipeline.launch import StageCommand
-from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
+from pipeline.launch.k8s_settings import KubernetesLaunchConfig
 from pipeline.launch.kubernetes import KubernetesLauncher
 from pipeline.localserver import free_port
 from tests.k8s_standin.fixture import StandIn, node_settings, wait_for

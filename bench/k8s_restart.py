@@ -28,7 +28,7 @@ from pathlib import Path
 from moto.server import ThreadedMotoServer
 
 from pipeline.launch import StageCommand
-from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
+from pipeline.launch.k8s_settings import KubernetesLaunchConfig
 from pipeline.launch.kubernetes import KubernetesLauncher
 from pipeline.localserver import free_port
 from tests.k8s_standin.fixture import FAKE, FAKE_IMAGE, StandIn, wait_for

@@ -1,7 +1,7 @@
 """First-epoch vs later-epoch read throughput of an ImageFolder on S3 (moto) against local disk.
 
-An "epoch" here is one full read of the source through `pipeline.data.sources.load_source`,
-exactly what `prepare` does: list, fetch, decode every image. Epoch 1 from S3 starts with an
+An "epoch" here is one full read of the source through `pipeline.data.sources.scan_source`,
+what `prepare` and `corpus` do first: list, fetch, hash and read the header of every image. Epoch 1 from S3 starts with an
 empty local cache (every object is a GET); epochs 2+ find every object in the ETag-keyed
 cache and only list the bucket. The local-disk baseline reads the same files from a folder.
 Also: one large blob (a prepared dataset / checkpoint) read from S3 vs local disk, which is
@@ -67,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         import io
 
         from pipeline import storage
-        from pipeline.data.sources import load_source
+        from pipeline.config import Config
+        from pipeline.data.sources import scan_source
 
+        cfg = Config()
         local = work / "images"
         nbytes = _write_images(local, args.classes, args.per_class, args.size)
         count = args.classes * args.per_class
@@ -76,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         fs.mkdir("bench")
         fs.put(str(local) + "/", "bench/images", recursive=True)
         def epoch(source: str) -> float:
-            with contextlib.redirect_stdout(io.StringIO()):  # load_source's one-line cache report
-                return _timed(lambda: load_source(source))
+            with contextlib.redirect_stdout(io.StringIO()):  # the scan's one-line cache report
+                return _timed(lambda: scan_source(source, "data", cfg))
 
         local_s = [epoch(str(local)) for _ in range(args.epochs)]
         s3_s = [epoch("s3://bench/images") for _ in range(args.epochs)]

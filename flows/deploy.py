@@ -118,7 +118,7 @@ def check_base_job_template(path: Path, values: dict[str, Any], problems: list[s
 def check_launch_settings(overlay: Path | None, image: str, problems: list[str]):
     """The stage-launch settings the flow-run pod will read from ConfigMap training-launch, merged
     (a KubernetesLaunchConfig), or None when they are invalid."""
-    from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
+    from pipeline.launch.k8s_settings import KubernetesLaunchConfig
 
     layers = []
     for path in [LAUNCH_BASE, *([overlay / "launch.json"] if overlay else [])]:

@@ -26,28 +26,29 @@ def delete_jobs_hook(flow, flow_run, state) -> None:
     params = TrainingParameters.model_validate(flow_run.parameters.get("params") or {})
     if params.launcher != "kubernetes":
         return
-    from pipeline.launch import kubernetes
-    from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
+    from pipeline.launch import k8s_api, k8s_cleanup
+    from pipeline.launch.k8s_settings import KubernetesLaunchConfig
 
     namespace = KubernetesLaunchConfig.from_env().namespace
-    kubernetes.delete_jobs_for_run(str(flow_run.id), namespace, kubernetes.default_api_client())
+    k8s_cleanup.delete_jobs_for_run(str(flow_run.id), namespace, k8s_api.default_api_client())
 
 
 def prepare_namespace(params: TrainingParameters, run_id: str) -> None:
     """Before the first stage Job: the previous attempt's Jobs stopped, other runs' orphans deleted."""
     if params.launcher != "kubernetes":
         return
-    from pipeline.launch import kubernetes
-    from pipeline.launch.k8s_manifests import KubernetesLaunchConfig, label_value
+    from pipeline.launch import k8s_api, k8s_cleanup
+    from pipeline.launch.k8s_manifests import label_value
+    from pipeline.launch.k8s_settings import KubernetesLaunchConfig
 
     cfg, log = KubernetesLaunchConfig.from_env(), get_run_logger().info
-    api = kubernetes.default_api_client()
-    stopped = kubernetes.stop_jobs_of_run(run_id, cfg.namespace, cfg.termination_grace_seconds + 120, api, log)
+    api = k8s_api.default_api_client()
+    stopped = k8s_cleanup.stop_jobs_of_run(run_id, cfg.namespace, cfg.termination_grace_seconds + 120, api, log)
     if stopped:
         log(f"stopped the previous attempt's stage Jobs {stopped} before starting again")
-    others = kubernetes.job_run_ids(cfg.namespace, api, log) - {label_value(run_id)}
+    others = k8s_cleanup.job_run_ids(cfg.namespace, api, log) - {label_value(run_id)}
     alive = [run_id, *_alive(others)]
-    kubernetes.cleanup_orphans(cfg.namespace, alive, api, log=log)
+    k8s_cleanup.cleanup_orphans(cfg.namespace, alive, api, log=log)
 
 
 def _alive(label_values: set[str]) -> list[str]:
@@ -85,7 +86,7 @@ def check_kubernetes_storage(cfg: Config, project: Path) -> None:
     try:
         storage.check_buckets([cfg.paths.root, registry, *([remote] if storage.is_remote(remote) else [])])
     except UserInputError as exc:
-        from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
+        from pipeline.launch.k8s_settings import KubernetesLaunchConfig
 
         secret = KubernetesLaunchConfig.from_env().env_from_secret
         hint = (f"the flow-run pod reads S3 credentials from Secret {secret!r} (docs/kubernetes.md, step 2)"

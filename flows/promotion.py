@@ -15,11 +15,11 @@ from pathlib import Path
 
 from pipeline import storage
 from pipeline.config import Config
+from pipeline.models.files import CLASSIFIER_FILE
 from pipeline.model_card import CARD_MARKDOWN, with_run_report, write_markdown
 from pipeline.runinfo import read_usage
 
 CHAMPION = "champion.json"
-CLASSIFIER_FILE = "finetuned.safetensors"  # pipeline/models/bundle.py's name, not imported: that module is torch's
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LAST_EVALUATED = "last_evaluated.json"  # the data the newest challenger saw, promoted or not
 

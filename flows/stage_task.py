@@ -20,7 +20,7 @@ from flows.progress import StageProgress
 from pipeline.params import load_config
 from pipeline.errors import EXIT_SIGTERM, EXIT_USER_ERROR, ConfigError, UserInputError
 from pipeline.launch import StageCommand
-from pipeline.launch.kubernetes import KubernetesLaunchError
+from pipeline.launch.k8s_api import KubernetesLaunchError
 from pipeline.launch.local import LocalLauncher
 
 
@@ -58,7 +58,7 @@ def kubernetes_launch_config(params: TrainingParameters, stage: str):
     decides nodes, GPUs, placement and resources; only what the user set explicitly (num_nodes, devices,
     accelerator, or those trainer keys via extra_overrides) changes it, and prepare/evaluate get the light
     profile. Rules: pipeline/launch/shape.py. A conflict with the overlay is a ConfigError (exit 2)."""
-    from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
+    from pipeline.launch.k8s_settings import KubernetesLaunchConfig
     from pipeline.launch.shape import stage_launch_config, user_overrides
 
     return stage_launch_config(KubernetesLaunchConfig.from_env(), stage, user_overrides(params.overrides()))
@@ -67,10 +67,10 @@ def kubernetes_launch_config(params: TrainingParameters, stage: str):
 def make_launcher(params: TrainingParameters, workdir: Path, stage: str):
     """A local subprocess, or (launcher=kubernetes) an indexed Job shaped by kubernetes_launch_config()."""
     if params.launcher == "kubernetes":
-        from pipeline.launch import kubernetes
+        from pipeline.launch import k8s_api, kubernetes
 
-        return kubernetes.KubernetesLauncher(kubernetes_launch_config(params, stage), kubernetes.default_api_client(),
-                                             owner=kubernetes.owner_from_env())
+        return kubernetes.KubernetesLauncher(kubernetes_launch_config(params, stage), k8s_api.default_api_client(),
+                                             owner=k8s_api.owner_from_env())
     return LocalLauncher(workdir)
 
 

@@ -16,7 +16,6 @@ import os
 import time
 from pathlib import Path
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
@@ -33,7 +32,7 @@ from flows.stage_task import StageInputError, kubernetes_launch_config, run_stag
 from flows.versioning import pin_data, version_data
 from pipeline import storage
 from pipeline.config import Config
-from pipeline.params import apply_overrides, build_config, read_params, update_params_file
+from pipeline.params import apply_overrides, build_config, read_params, write_params
 from pipeline.errors import EXIT_USER_ERROR, ConfigError, UserInputError
 from pipeline.launch.shape import TRAINING_STAGES
 
@@ -76,31 +75,35 @@ def train(params: TrainingParameters = TrainingParameters()) -> dict:
     logger = get_run_logger()
     run_id, run_name = _run_name()
     project = project_root()
-    cfg = effective_config(params, project)
+    raw = effective_params(params, project)  # params.yaml + the form: the run's config, built once from here
+    cfg = build_config(raw)  # exit-2 errors before any work
     if params.launcher == "kubernetes":
         check_kubernetes_storage(cfg, project)  # before any Job: a GPU hour must not end in "no credentials"
         for stage in TRAINING_STAGES:  # nor a stage shape that contradicts the overlay (exit 2)
             kubernetes_launch_config(params, stage)
     prepare_namespace(params, run_id)  # a rescheduled attempt's old Jobs stopped; orphans of dead runs gone
-    ws = wsmod.create_workspace(project, _runs_dir(cfg, project) / run_name, params.overrides(),
+    ws = wsmod.create_workspace(project, _runs_dir(cfg, project) / run_name,
                                 dvc_remote=cfg.paths.project_uri("dvc_remote", project))
     data = version_data(ws, cfg)
     # Stages read the DVC snapshots (pods: the original sources), and the versions pin prepare's and corpus's
-    # cache keys to the content; on Kubernetes the returned params carry the pins to the pods.
-    cfg, params = pin_data(ws, params, data)
+    # cache keys to the content.
+    local_pins, pod_pins = pin_data(params, data)
+    cfg = build_config(apply_overrides(raw, local_pins))
     tracked = cfg.paths.root in ("", ".")
     order, plans = stage_order(ws.root / "dvc.yaml"), {}
-    if tracked:
-        wsmod.pull_run_cache(ws)
-    else:
+    if not tracked:
         # Remote artifacts: every output goes under its stage key, in the workspace and for the pods alike.
         plans = stage_cache.plan(ws.root, cfg, order)
-        pins = [item for plan in plans.values() for item in plan.overrides()]
-        cfg = update_params_file(ws.params_file, pins)
-        params = params.model_copy(update={"extra_overrides": [*params.extra_overrides, *pins]})
+        cache_pins = [item for plan in plans.values() for item in plan.overrides()]
+        local_pins, pod_pins = [*local_pins, *cache_pins], [*pod_pins, *cache_pins]
+        cfg = build_config(apply_overrides(raw, local_pins))
     # The run's config is written once: local stages read the workspace's params.yaml; pods (which cannot see
     # the workspace) read the same settings, with the original source URIs, from one file on storage.
-    pod_params = _write_pod_params(project, params, cfg, run_name) if params.launcher == "kubernetes" else None
+    write_params(ws.params_file, apply_overrides(raw, local_pins))
+    if tracked:
+        wsmod.pull_run_cache(ws)
+    pod_params = (_write_pod_params(apply_overrides(raw, pod_pins), cfg, run_name)
+                  if params.launcher == "kubernetes" else None)
     outcomes = _run_stages(order, upstream_stages(ws.root / "dvc.yaml"),
                            lambda stage, after: run_stage.submit(ws, stage, params, run_id, tracked, plans.get(stage),
                                                                  pod_params, wait_for=after))
@@ -117,13 +120,12 @@ def train(params: TrainingParameters = TrainingParameters()) -> dict:
             "metrics": metrics, "promotion": decision}
 
 
-def _write_pod_params(project: Path, params: TrainingParameters, cfg: Config, run_name: str) -> str:
-    """The stage pods' params.yaml: the image's (this project's) with the run's overrides and pins, on storage
-    every pod reaches (`<paths.root>/runs/<run>/params.yaml`) -> its URI, which each pod gets as `--params`."""
-    raw = effective_params(params, project)
+def _write_pod_params(raw: dict, cfg: Config, run_name: str) -> str:
+    """The stage pods' params.yaml: the run's config with the pods' pins, on storage every pod reaches
+    (`<paths.root>/runs/<run>/params.yaml`) -> its URI, which each pod gets as `--params`."""
     build_config(raw)  # validated as the pods will read it
     uri = storage.join(cfg.paths.root, "runs", run_name, "params.yaml")
-    storage.write_bytes(uri, yaml.safe_dump(raw, sort_keys=False).encode())
+    write_params(uri, raw)
     return uri
 
 

@@ -17,10 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
-
-from pipeline.params import apply_overrides, build_config, read_params
-
 if TYPE_CHECKING:
     from dvc.repo import Repo
 
@@ -42,17 +38,15 @@ class Workspace:
         return self.root / "params.yaml"
 
 
-def create_workspace(project: Path, root: Path, overrides: list[str], dvc_remote: str = "") -> Workspace:
-    """Validate the effective params first (exit-2 errors before any work), then lay out the folder."""
-    raw = apply_overrides(read_params(project / "params.yaml"), overrides)
-    build_config(raw)  # raises ConfigError listing every problem
+def create_workspace(project: Path, root: Path, dvc_remote: str = "") -> Workspace:
+    """Lay out the run's folder: dvc.yaml, the stage code and a DVC repo sharing the project's cache. Its
+    params.yaml is written by the flow, once, when the run's config is whole (versions and cache pins)."""
     root.mkdir(parents=True, exist_ok=False)
     for name in PROJECT_FILES:
         if (project / name).exists():
             shutil.copy2(project / name, root / name)
     for name in CODE_DIRS:
         shutil.copytree(project / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     _init_dvc(project, root, dvc_remote)
     return Workspace(root=root, project=project)
 

@@ -77,8 +77,8 @@ def _k8s_render(args: argparse.Namespace) -> int:
     """`pipeline k8s render`: read the launch files as flows/deploy.py does, shape and render as the flow does."""
     import yaml
 
-    from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
-    from pipeline.launch.kubernetes import owner_from_env
+    from pipeline.launch.k8s_settings import KubernetesLaunchConfig
+    from pipeline.launch.k8s_api import owner_from_env
     from pipeline.launch.shape import render_stage
 
     files = [args.base, *([args.overlay / "launch.json"] if args.overlay else [])]

@@ -88,11 +88,22 @@ def read_params(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
     return raw
 
 
+def write_params(target: Path | str, raw: dict[str, Any]) -> None:
+    """Write a params mapping as YAML to a local path or a URI (the file a flow writes once for its stage pods)."""
+    text = yaml.safe_dump(raw, sort_keys=False)
+    if "://" in str(target):
+        from pipeline import storage
+
+        storage.write_bytes(str(target), text.encode())
+    else:
+        Path(target).write_text(text)
+
+
 def update_params_file(path: Path | str, overrides: list[str]) -> Config:
     """Apply dotted overrides to a params file in place (validated first: a bad one leaves it as it was)."""
     raw = apply_overrides(read_params(path), overrides)
     cfg = build_config(raw)
-    Path(path).write_text(yaml.safe_dump(raw, sort_keys=False))
+    write_params(path, raw)
     return cfg
 
 

@@ -52,7 +52,7 @@ def _config(args: argparse.Namespace):
 def resolve_model(spec: str, registry: str) -> tuple[str, str]:
     """(model file URI, description) for `--model champion|RUN|URI`."""
     from pipeline import storage
-    from pipeline.models.bundle import CLASSIFIER_FILE, SUFFIX
+    from pipeline.models.files import CLASSIFIER_FILE, SUFFIX
 
     if spec == "champion":
         pointer_uri = storage.join(registry, "champion.json")
@@ -164,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
     problems.extend(found_problems)
 
     from pipeline import storage
-    from pipeline.models.bundle import SUFFIX, load_bundle
+    from pipeline.models.bundle import load_bundle
+    from pipeline.models.files import SUFFIX
 
     bundle, predictions = None, []
     try:

@@ -20,7 +20,8 @@ import numpy as np
 from pipeline.data.decoded_cache import DecodedCache
 from pipeline.data.glyphs import GlyphParams, render_glyph
 from pipeline.data.images import Transform, decode, transform_array
-from pipeline.data.sources import Item, read_origin
+from pipeline.data.object_cache import read_origin
+from pipeline.data.sources import Item
 from pipeline.errors import DataError
 
 BATCH = 8  # images per task: amortises inter-process overhead, keeps the window small

@@ -11,23 +11,21 @@ Names starting with "." (.DS_Store, macOS `._x.jpg` forks, .ipynb_checkpoints) a
 `scan_source` reads each file once: its sha256 and its header (size, mode), never its pixels, so
 nothing holds the dataset in memory. Every problem is collected before failing, each naming its file
 or folder, so one run tells the user everything to fix. An s3:// source is listed once (the listing
-carries each object's ETag) and each object kept in a local cache keyed by bucket, key and ETag
-(pipeline/s3.py `cache_dir`): a re-run downloads only objects that changed.
+carries each object's ETag) and each object kept in a local cache (pipeline/data/object_cache.py).
 """
 from __future__ import annotations
 
 import collections
 import hashlib
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Union
 
 import numpy as np
 
-from pipeline import storage
+from pipeline import s3, storage
 from pipeline.config import Config
+from pipeline.data import object_cache
 from pipeline.data.glyphs import GLYPHS, RENDERER, GlyphParams, glyph_params
 from pipeline.data.images import IMAGE_SUFFIXES, is_image_name, probe
 from pipeline.data.shards import UNLABELLED
@@ -42,16 +40,9 @@ MIN_IMAGES = {"data": 3, "corpus": 2}
 _SUFFIXES_SHOWN = "/".join(IMAGE_SUFFIXES)
 
 
-@dataclass(frozen=True)
-class RemoteObject:
-    """An object read from S3 on use: the local object cache is off or could not be written."""
-
-    uri: str
-
-
 # Where an item's pixels come from: a local file (source or cached object), an S3 object, a builtin
 # array, or a glyph's draws.
-Origin = Union[str, RemoteObject, np.ndarray, GlyphParams]
+Origin = Union[str, object_cache.RemoteObject, np.ndarray, GlyphParams]
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,7 +71,7 @@ class SourceScan:
     @property
     def files(self) -> list[str]:
         """The source files the dataset is made of (paths or URIs as the user wrote them); [] for builtins."""
-        return [item.path for item in self.items if isinstance(item.origin, (str, RemoteObject))]
+        return [item.path for item in self.items if isinstance(item.origin, (str, object_cache.RemoteObject))]
 
     def class_name(self, item: Item) -> str | None:
         return None if item.label == UNLABELLED else self.classes[item.label]
@@ -123,16 +114,6 @@ def scan_source(source: str, kind: Kind, cfg: Config, image_size: int | None = N
     problems += unreadable
     problems += _count_problems(source, kind, classes, items)
     return SourceScan(source, kind, classes, items, problems)
-
-
-def read_origin(origin: str | RemoteObject, shown: str) -> bytes:
-    """The bytes of a file-backed item (any process: decode workers call this too)."""
-    if isinstance(origin, RemoteObject):
-        return storage.read_bytes(origin.uri)
-    try:
-        return Path(origin).read_bytes()
-    except OSError as exc:
-        raise DataError(f"{shown}: cannot read ({exc})") from None
 
 
 # ---------------------------------------------------------------- builtins
@@ -212,15 +193,15 @@ def _hash(root: str, listed: list[tuple[str, int, dict]], min_size: int) -> tupl
     GETs overlap). Unreadable or too-small images are problems; a denied or vanished object stops the scan."""
     fs = storage.filesystem(root)[0]
     remote, display = storage.is_remote(root), _displayer(root)
-    cache = _object_cache() if remote else None
+    cache = s3.cache_dir() if remote else None
 
     def one(entry: tuple[str, int, dict]) -> tuple[Item | None, str | None, bool]:
         name, label, info = entry
         shown = display(name)
         # S3 access errors (denied, vanished) propagate: one message, not one per object.
-        data, origin, downloaded = _fetch(fs, name, info, shown, cache) if remote else (None, name, False)
+        data, origin, downloaded = object_cache.fetch(fs, name, info, shown, cache) if remote else (None, name, False)
         try:
-            data = read_origin(name, shown) if data is None else data
+            data = object_cache.read_origin(name, shown) if data is None else data
             width, height, mode = probe(data, shown)
         except DataError as exc:
             return None, exc.problems[0], downloaded
@@ -323,44 +304,6 @@ def _count_problems(root: str, kind: Kind, classes: list[str], items: list[Item]
     counts = collections.Counter(item.label for item in items)
     return [f"{root.rstrip('/')}/{name}: {counts[label]} image(s); need at least {need}"
             for label, name in enumerate(classes) if 0 < counts[label] < need]
-
-
-# ---------------------------------------------------------------- S3 objects, cached by ETag
-
-
-def _object_cache() -> Path | None:
-    from pipeline import s3
-
-    return s3.cache_dir()
-
-
-def _fetch(fs, name: str, info: dict, shown: str, cache: Path | None) -> tuple[bytes, str | RemoteObject, bool]:
-    """(bytes, where later readers find them, whether they were downloaded): the local ETag-keyed copy if any."""
-    if cache is None:
-        return storage.read_bytes(shown), RemoteObject(shown), True
-    version = info.get("ETag") or info.get("etag") or f"{info.get('size')}-{info.get('LastModified')}"
-    digest = hashlib.sha256(f"s3\0{name}\0{version}".encode()).hexdigest()
-    slot = cache / digest[:2] / digest
-    if slot.is_file():
-        try:
-            return slot.read_bytes(), str(slot), False
-        except OSError:
-            pass
-    with storage.access_errors(shown):
-        data = fs.cat_file(name)
-    return data, (str(slot) if _cache_put(slot, data) else RemoteObject(shown)), True
-
-
-def _cache_put(path: Path, data: bytes) -> bool:
-    """Write-then-rename, so a killed run never leaves a half image in the cache (no fsync: it is a cache)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(data)}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-        return True
-    except OSError:
-        return False  # a read-only or full cache disk costs speed, not correctness
 
 
 def _displayer(root: str):

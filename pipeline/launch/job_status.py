@@ -16,7 +16,8 @@ from typing import Callable
 from kubernetes import client as k8s
 
 from pipeline.errors import EXIT_SIGTERM
-from pipeline.launch.k8s_manifests import COMPLETION_INDEX_ANNOTATION, CONTAINER_NAME, KubernetesLaunchConfig
+from pipeline.launch.k8s_manifests import COMPLETION_INDEX_ANNOTATION, CONTAINER_NAME
+from pipeline.launch.k8s_settings import KubernetesLaunchConfig
 
 
 def summary(stage: str, code: int, attempts: int, restarts: list[str]) -> str:

@@ -13,11 +13,7 @@ import re
 import secrets
 from typing import Any
 
-# The settings model lives in k8s_settings.py; importing it from here keeps working.
-from pipeline.launch.k8s_settings import (  # noqa: F401  (re-exported)
-    CONFIG_ENVS, LABEL_PREFIX, LAUNCHER_ENV, MANAGED_BY, QUEUE_LABEL, RESERVED_KEYS, RESERVED_PREFIXES,
-    KubernetesLaunchConfig, LightProfile, Toleration,
-)
+from pipeline.launch.k8s_settings import LABEL_PREFIX, MANAGED_BY, QUEUE_LABEL, KubernetesLaunchConfig
 
 # The oldest API version whose schemas the manifests must satisfy: podFailurePolicy is GA
 # since 1.31 and the managed clusters we target run 1.32+.

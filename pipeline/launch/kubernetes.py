@@ -26,56 +26,32 @@ waiting for a scale-up it triggered may take startup_timeout_seconds; one Pendin
 pending_timeout_seconds (StagePendingTimeout). A Job Kueue keeps suspended waits at most
 admission_timeout_seconds (StageNotAdmitted). Each deletes the Job first.
 
-API errors are answered as the API means them. 429, 5xx and dropped connections are transient
-(an API server restarting, a rate limit): every request is retried with exponential backoff
-(Retry-After honoured), creates included, which are made idempotent by name, so one failed
-status read never deletes a running Job. RBAC (403) and schema or quota (422) errors raise
-KubernetesLaunchError at once, naming verb, resource and object: retrying cannot fix either,
-and the flow does not retry them. Any exception while waiting, KeyboardInterrupt and
-Prefect's cancellation included, deletes the Job (foreground, so its pods go first) and its
-Service before it propagates.
+API requests are retried as the API's answer calls for (k8s_api). Any exception while waiting,
+KeyboardInterrupt and Prefect's cancellation included, deletes the Job (foreground, so its pods
+go first) and its Service before it propagates.
 """
 from __future__ import annotations
 
-import json
-import os
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable
 
 from kubernetes import client as k8s
-from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError as TransportError
 
-from pipeline.launch import job_status
-from pipeline.launch.k8s_manifests import (
-    JOB_LABEL, LABEL_PREFIX, MANAGED_BY, RUN_LABEL,
-    KubernetesLaunchConfig, label_value, new_job_name, owner_reference, render_job, render_service,
-)
+from pipeline.launch import job_status, k8s_api
+from pipeline.launch.k8s_api import ROLE_FILE, KubernetesApiUnavailable, KubernetesLaunchError, call_api
+from pipeline.launch.k8s_cleanup import delete_job
+from pipeline.launch.k8s_manifests import JOB_LABEL, new_job_name, render_job, render_service
+from pipeline.launch.k8s_settings import LABEL_PREFIX, KubernetesLaunchConfig
 from pipeline.launch.pod_logs import PodLogStreams
 
 if TYPE_CHECKING:
     from pipeline.launch import StageCommand
 
-ROLE_FILE = "k8s/base/rbac.yaml"
-TRANSIENT_STATUS = {429, 500, 502, 503, 504}
-# The flow-run pod learns its own Job from the downward API (k8s/base/base-job-template.json).
-OWNER_ENVS = ("PIPELINE_OWNER_JOB_NAME", "PIPELINE_OWNER_JOB_UID")
 ATTEMPT_KEY = f"{LABEL_PREFIX}/attempt"  # label and annotation: 1 for the first Job of a stage, 2 after a restart...
-
-
-class KubernetesLaunchError(RuntimeError):
-    """The API refused a request in a way no retry can fix (RBAC, schema, quota)."""
-
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
-
-
-class KubernetesApiUnavailable(RuntimeError):
-    """The API kept answering 429/5xx or dropping the connection after every retry: infrastructure."""
 
 
 class StagePendingTimeout(KubernetesLaunchError):
@@ -111,85 +87,13 @@ VERDICTS = {"cannot start": StageCannotStart, "startup timeout": StagePendingTim
 EVENTS_EVERY = 4.0  # seconds between two reads of one object's Events
 
 
-def _explain(err: ApiException, verb: str, resource: str, namespace: str,
-             name: str | None = None) -> KubernetesLaunchError:
-    try:
-        body = json.loads(err.body or "{}")
-    except ValueError:
-        body = {}
-    message = body.get("message") or err.reason
-    what = f" ({resource.split('.')[0][:-1]} {name!r})" if name else ""
-    if err.status == 403:
-        return KubernetesLaunchError(
-            f"forbidden: cannot {verb} {resource} in namespace {namespace!r}{what} — check the Role "
-            f"pipeline-flow-run in {ROLE_FILE} and that the flow-run pod uses its ServiceAccount "
-            f"(API said: {message})", err.status)
-    if err.status == 422:
-        fields = [c.get("field", "?") for c in body.get("details", {}).get("causes", [])]
-        return KubernetesLaunchError(
-            f"invalid: the API rejected {verb} {resource} in namespace {namespace!r}{what}; "
-            f"field(s) {', '.join(fields) or 'unknown'} (API said: {message})", err.status)
-    return KubernetesLaunchError(f"{verb} {resource} in namespace {namespace!r}{what} failed: "
-                                 f"HTTP {err.status} {message}", err.status)
-
-
-def _retry_after(err: ApiException) -> float | None:
-    try:
-        return float((err.headers or {}).get("Retry-After"))
-    except (TypeError, ValueError):
-        return None
-
-
-def call_api(verb: str, resource: str, namespace: str, fn: Callable, *args, name: str | None = None,
-             attempts: int = 6, log: Callable[[str], None] = print, on_conflict: Callable | None = None,
-             **kwargs):
-    """One API request with the retries the API's answer calls for (see the module docstring).
-
-    `on_conflict`: for a create retried after a lost answer, 409 AlreadyExists means the first try
-    went through; it returns the existing object instead of failing.
-    """
-    delay = 0.5
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn(*args, **kwargs)
-        except ApiException as err:
-            if err.status == 409 and attempt > 1 and on_conflict is not None:
-                return on_conflict()
-            if err.status not in TRANSIENT_STATUS:
-                raise _explain(err, verb, resource, namespace, name) from None
-            reason, wait = f"HTTP {err.status} {err.reason}", _retry_after(err) or delay
-        except TransportError as err:  # connection refused or reset, timeout: nothing was answered
-            reason, wait = f"{type(err).__name__}: {err}", delay
-        if attempt == attempts:
-            raise KubernetesApiUnavailable(f"{verb} {resource} in namespace {namespace!r} failed {attempts} "
-                                           f"times; last: {reason}")
-        log(f"Kubernetes API: {verb} {resource} answered {reason}; retry {attempt}/{attempts - 1} in {wait:.1f} s")
-        time.sleep(wait)
-        delay = min(delay * 2, 8.0)
-
-
-def owner_from_env() -> dict | None:
-    """ownerReference to the flow-run Job this process runs in (None outside a flow-run pod)."""
-    name, uid = (os.environ.get(key) for key in OWNER_ENVS)
-    return owner_reference("Job", name, uid) if name and uid else None
-
-
-def default_api_client() -> k8s.ApiClient:
-    """In-cluster credentials inside a flow-run pod, else the local kubeconfig."""
-    try:
-        k8s_config.load_incluster_config()
-    except k8s_config.ConfigException:
-        k8s_config.load_kube_config()
-    return k8s.ApiClient()
-
-
 class KubernetesLauncher:
     """Implements pipeline.launch.Launcher for Kubernetes."""
 
     def __init__(self, cfg: KubernetesLaunchConfig, api_client: k8s.ApiClient | None = None,
                  owner: dict | None = None):
         self.cfg, self.owner = cfg, owner
-        api = api_client or default_api_client()
+        api = api_client or k8s_api.default_api_client()
         self.batch, self.core = k8s.BatchV1Api(api), k8s.CoreV1Api(api)
         self._cancelled = threading.Event()
         self.job_name: str | None = None  # the current (last) attempt's Job
@@ -321,67 +225,3 @@ class KubernetesLauncher:
             items = None
         self._events[name] = (now, items)
         return items
-
-
-def delete_job(batch: k8s.BatchV1Api, core: k8s.CoreV1Api, namespace: str, job_name: str,
-               log: Callable[[str], None] = print) -> None:
-    """Foreground: the Job object stays until its pods are gone, so 'no Job' means 'no pods'."""
-    body = k8s.V1DeleteOptions(propagation_policy="Foreground")
-    for kind, fn in (("jobs.batch", batch.delete_namespaced_job),
-                     ("services", core.delete_namespaced_service)):
-        try:  # deleting is idempotent, so transient errors are retried like reads
-            call_api("delete", kind, namespace, fn, job_name, namespace, body=body, name=job_name, log=log)
-        except (KubernetesLaunchError, KubernetesApiUnavailable) as err:
-            if getattr(err, "status", None) != 404:  # already gone is the goal; anything else is worth a line
-                log(f"could not delete {kind} {namespace}/{job_name}: {err}")
-
-
-def delete_jobs_for_run(run_id: str, namespace: str, api_client: k8s.ApiClient | None = None,
-                        log: Callable[[str], None] = print) -> list[str]:
-    """Delete every stage Job (and Service) of one flow run; returns the Job names."""
-    return _delete_where(namespace, api_client, log, lambda labels: labels.get(RUN_LABEL) == label_value(run_id))
-
-
-def job_run_ids(namespace: str, api_client: k8s.ApiClient | None = None,
-                log: Callable[[str], None] = print) -> set[str]:
-    """The flow run ids (label values) that launcher Jobs in `namespace` belong to."""
-    batch = k8s.BatchV1Api(api_client or default_api_client())
-    selector = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
-    jobs = call_api("list", "jobs.batch", namespace, batch.list_namespaced_job, namespace,
-                    label_selector=selector, log=log).items
-    return {(j.metadata.labels or {}).get(RUN_LABEL) for j in jobs} - {None}
-
-
-def stop_jobs_of_run(run_id: str, namespace: str, timeout_s: float, api_client: k8s.ApiClient | None = None,
-                     log: Callable[[str], None] = print) -> list[str]:
-    """Delete the flow run's stage Jobs and wait until they are gone: Foreground deletion keeps a Job until
-    its pods have ended, so afterwards no pod of theirs can write. Raises KubernetesLaunchError past timeout_s."""
-    api = api_client or default_api_client()
-    doomed = delete_jobs_for_run(run_id, namespace, api, log)
-    deadline = time.monotonic() + timeout_s
-    while doomed and label_value(run_id) in job_run_ids(namespace, api, log):
-        if time.monotonic() > deadline:
-            raise KubernetesLaunchError(f"the previous attempt's Jobs {doomed} in {namespace} were still there "
-                                        f"{timeout_s:g} s after their deletion")
-        time.sleep(1.0)
-    return doomed
-
-
-def cleanup_orphans(namespace: str, flow_run_ids_alive: Iterable[str],
-                    api_client: k8s.ApiClient | None = None, log: Callable[[str], None] = print) -> list[str]:
-    """Delete launcher Jobs whose flow run is no longer alive (crashed worker or flow)."""
-    alive = {label_value(r) for r in flow_run_ids_alive}
-    return _delete_where(namespace, api_client, log, lambda labels: labels.get(RUN_LABEL) not in alive)
-
-
-def _delete_where(namespace, api_client, log, wanted: Callable[[dict], bool]) -> list[str]:
-    api = api_client or default_api_client()
-    batch, core = k8s.BatchV1Api(api), k8s.CoreV1Api(api)
-    selector = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
-    jobs = call_api("list", "jobs.batch", namespace, batch.list_namespaced_job, namespace,
-                    label_selector=selector, log=log).items
-    doomed = [j.metadata.name for j in jobs if wanted(j.metadata.labels or {})]
-    for name in doomed:
-        log(f"deleting orphaned Job {namespace}/{name}")
-        delete_job(batch, core, namespace, name, log)
-    return doomed

@@ -41,7 +41,8 @@ from typing import Any
 
 from pipeline.params import parse_override
 from pipeline.errors import ConfigError
-from pipeline.launch.k8s_manifests import KubernetesLaunchConfig, new_job_name, render_job, render_service
+from pipeline.launch.k8s_manifests import new_job_name, render_job, render_service
+from pipeline.launch.k8s_settings import KubernetesLaunchConfig
 from pipeline.launch.k8s_settings import PodResources
 
 TRAINING_STAGES = ("pretrain", "finetune")

@@ -33,14 +33,10 @@ from pipeline import storage
 from pipeline.errors import DataError
 from pipeline.models.classifier import Classifier
 
-SUFFIX = ".safetensors"
 FORMAT_VERSION = 1
 METADATA_KEY = "pipeline"
 CLASSIFIER_FORMAT = "pipeline.classifier"
 BACKBONE_FORMAT = "pipeline.backbone"
-CLASSIFIER_FILE = "finetuned" + SUFFIX  # the released model, in models/finetune, models/release and the registry
-SCRATCH_FILE = "scratch" + SUFFIX
-BACKBONE_FILE = "backbone" + SUFFIX
 _MAX_HEADER = 64 * 1024 * 1024  # safetensors' own limit is 100 MB; a real header here is a few KiB
 
 

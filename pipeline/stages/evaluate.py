@@ -26,7 +26,8 @@ from pipeline.data.shards import SplitShards
 from pipeline.curves import CURVES_JSON, CURVES_PNG, read_curves, render_png, run_dirs
 from pipeline.data.stream import InMemorySplit, ShardStream
 from pipeline.model_card import CARD_MARKDOWN, with_run_report, write_markdown
-from pipeline.models.bundle import CLASSIFIER_FILE, SCRATCH_FILE, load_classifier
+from pipeline.models.bundle import load_classifier
+from pipeline.models.files import CLASSIFIER_FILE, SCRATCH_FILE
 from pipeline.runinfo import git_commit, hardware, read_usage, usage_uri, write_usage
 
 

@@ -20,7 +20,8 @@ from pipeline import storage
 from pipeline.config import Config
 from pipeline.data.prepared import PreparedData, load_prepared
 from pipeline.data.stream import InMemorySplit, to_float
-from pipeline.models.bundle import BACKBONE_FILE, SUFFIX as BUNDLE_SUFFIX, load_backbone, save_classifier
+from pipeline.models.bundle import load_backbone, save_classifier
+from pipeline.models.files import BACKBONE_FILE, SUFFIX as BUNDLE_SUFFIX
 from pipeline.models.classifier import Classifier
 from pipeline.runinfo import write_usage
 from pipeline.training import (

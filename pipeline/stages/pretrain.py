@@ -22,7 +22,8 @@ from pipeline import storage
 from pipeline.config import Config
 from pipeline.data.prepared import load_prepared
 from pipeline.errors import DataError
-from pipeline.models.bundle import BACKBONE_FILE, save_backbone
+from pipeline.models.bundle import save_backbone
+from pipeline.models.files import BACKBONE_FILE
 from pipeline.models.classifier import Classifier
 from pipeline.models.contrastive import ContrastivePretrainer
 from pipeline.runinfo import write_usage

@@ -152,11 +152,7 @@ def fit(module: L.LightningModule, train: TrainData, val: TrainData | None, plan
         print(f"[{plan.label}] resuming from {ckpt_path} at step {resumed_from}", flush=True)
     if plan.trainer.compile:
         compile_in_place(module)
-    train_loader = stream(train, plan.stage.batch_size, plan.trainer, plan.seed, shuffle=True, cache_mb=plan.cache_mb)
-    val_loader = stream(val, plan.stage.batch_size * 2, plan.trainer, plan.seed, shuffle=False,
-                        cache_mb=plan.cache_mb) if val is not None else None
-    if resumed_from:  # the loader continues where the checkpoint was: the batches an uninterrupted run would see
-        train_loader.resume_after(resumed_from, plan.stage.accumulate_grad_batches)
+    train_loader, val_loader = _loaders(train, val, plan, resumed_from)
     try:
         with lightning_owns_sigterm():
             trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
@@ -164,8 +160,26 @@ def fit(module: L.LightningModule, train: TrainData, val: TrainData | None, plan
         raise Terminated() from None
     if trainer.is_global_zero:
         curves.settle()
+    return _result(module, trainer, plan, best, resumed_from, time.perf_counter() - started, step_times,
+                   train_curves, curves)
+
+
+def _loaders(train: TrainData, val: TrainData | None, plan: FitPlan, resumed_from: int):
+    """The train stream (continuing where the checkpoint was: the batches an uninterrupted run would see) and the
+    val stream, at twice the batch (no gradients to hold)."""
+    train_loader = stream(train, plan.stage.batch_size, plan.trainer, plan.seed, shuffle=True, cache_mb=plan.cache_mb)
+    val_loader = stream(val, plan.stage.batch_size * 2, plan.trainer, plan.seed, shuffle=False,
+                        cache_mb=plan.cache_mb) if val is not None else None
+    if resumed_from:
+        train_loader.resume_after(resumed_from, plan.stage.accumulate_grad_batches)
+    return train_loader, val_loader
+
+
+def _result(module: L.LightningModule, trainer: L.Trainer, plan: FitPlan, best: ModelCheckpoint | None,
+            resumed_from: int, wall_s: float, step_times: StepTimes, train_curves: TrainCurves,
+            curves: CurveLogger) -> FitResult:
     val_acc = trainer.callback_metrics.get("val/acc")
-    wall_time_s = round(time.perf_counter() - started, 3)
+    wall_time_s = round(wall_s, 3)
     return FitResult(
         module=module, best_path=_best_path(best, plan.checkpoint_dir), steps=trainer.global_step,
         resumed_from_step=resumed_from, wall_time_s=wall_time_s,

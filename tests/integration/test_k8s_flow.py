@@ -22,10 +22,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def standin_cluster(k8s_standin, flow_env, s3, monkeypatch, tmp_path):  # noqa: F811
-    import pipeline.launch.kubernetes as kubernetes
+    from pipeline.launch import k8s_api
     from kubernetes import client as k8s
 
-    monkeypatch.setattr(kubernetes, "default_api_client", k8s_standin.api_client)
+    monkeypatch.setattr(k8s_api, "default_api_client", k8s_standin.api_client)
     monkeypatch.setenv("PIPELINE_K8S_CONFIG", json.dumps({"namespace": "ml-pipeline", "log_dir": str(tmp_path / "pod-logs"),
                                                           "poll_seconds": 0.5}))
     k8s.CoreV1Api(k8s_standin.api_client()).create_namespaced_secret("ml-pipeline", k8s.V1Secret(
@@ -41,7 +41,9 @@ def _create_orphan_job(standin, tmp_path) -> str:
     """A Job labelled with a flow run id that Prefect has never seen, as a crashed run leaves behind."""
     from kubernetes import client as k8s
 
-    from pipeline.launch.k8s_manifests import KubernetesLaunchConfig, new_job_name, render_job
+    from pipeline.launch.k8s_manifests import new_job_name, render_job
+
+    from pipeline.launch.k8s_settings import KubernetesLaunchConfig
 
     cfg = KubernetesLaunchConfig.from_env()
     orphan_run = "00000000-dead-4000-8000-000000000000"
@@ -136,7 +138,7 @@ def test_missing_s3_credentials_fail_before_any_job_naming_the_secret(standin_cl
 
 def test_forbidden_fails_the_flow_at_once_without_task_retries(standin_cluster, flow_env, s3):
     from flows.training import train
-    from pipeline.launch.kubernetes import KubernetesLaunchError
+    from pipeline.launch.k8s_api import KubernetesLaunchError
 
     standin_cluster.fail_next("create", "jobs", 403)
     state = train(TrainingParameters(launcher="kubernetes", extra_overrides=[*TINY, *_on_s3(s3)]), return_state=True)

@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.launch import StageCommand
-from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
-from pipeline.launch.kubernetes import (
-    KubernetesLauncher, KubernetesLaunchError, StagePendingTimeout, StageRestartsExhausted,
-)
+from pipeline.launch.k8s_settings import KubernetesLaunchConfig
+from pipeline.launch.k8s_api import KubernetesLaunchError
+from pipeline.launch.kubernetes import KubernetesLauncher, StagePendingTimeout, StageRestartsExhausted
 from pipeline.models.bundle import load_backbone
 from tests.k8s_standin import k8s_standin  # noqa: F401  (pytest fixture)
 from tests.k8s_standin.fixture import FAKE, FAKE_IMAGE, wait_for

@@ -30,7 +30,9 @@ import pytest
 import yaml
 from kubernetes import client as k8s
 
-from pipeline.launch.k8s_manifests import KubernetesLaunchConfig, render_job, render_service
+from pipeline.launch.k8s_manifests import render_job, render_service
+
+from pipeline.launch.k8s_settings import KubernetesLaunchConfig
 from tests.k8s_standin.fixture import wait_for as _wait_for
 from tests.k8s_standin import k8s_standin  # noqa: F401  (pytest fixture)
 from tests.k8s_standin import protobuf, resources, runtime

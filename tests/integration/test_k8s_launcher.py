@@ -15,11 +15,11 @@ import pytest
 from kubernetes import client as k8s
 
 from pipeline.launch import StageCommand
-from pipeline.launch.k8s_manifests import KubernetesLaunchConfig, render_job
-from pipeline.launch.kubernetes import (
-    KubernetesLauncher, KubernetesLaunchError, LaunchCancelled, StageRestartsExhausted, cleanup_orphans,
-    delete_jobs_for_run,
-)
+from pipeline.launch.k8s_manifests import render_job
+from pipeline.launch.k8s_settings import KubernetesLaunchConfig
+from pipeline.launch.k8s_api import KubernetesLaunchError
+from pipeline.launch.k8s_cleanup import cleanup_orphans, delete_jobs_for_run
+from pipeline.launch.kubernetes import KubernetesLauncher, LaunchCancelled, StageRestartsExhausted
 from tests.k8s_standin import k8s_standin  # noqa: F401  (pytest fixture)
 from tests.k8s_standin.fixture import FAKE, FAKE_IMAGE, wait_for as _wait_for
 

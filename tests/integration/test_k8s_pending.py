@@ -20,7 +20,7 @@ import pytest
 from kubernetes import client as k8s
 
 from pipeline.launch import StageCommand
-from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
+from pipeline.launch.k8s_settings import KubernetesLaunchConfig
 from pipeline.launch.kubernetes import (
     KubernetesLauncher, StageCannotStart, StageNotAdmitted, StagePendingTimeout,
 )

@@ -14,7 +14,7 @@ import threading
 import pytest
 
 from pipeline.launch import StageCommand
-from pipeline.launch.k8s_manifests import KubernetesLaunchConfig
+from pipeline.launch.k8s_settings import KubernetesLaunchConfig
 from pipeline.launch.kubernetes import KubernetesLauncher
 from tests.integration.test_k8s_launcher import Lines
 from tests.k8s_standin.fixture import wait_for as _wait_for

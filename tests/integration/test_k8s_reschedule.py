@@ -23,7 +23,9 @@ NS = "ml-pipeline"
 def _job(standin, run_id: str, grace: int = 3) -> str:
     from kubernetes import client as k8s
 
-    from pipeline.launch.k8s_manifests import KubernetesLaunchConfig, new_job_name, render_job
+    from pipeline.launch.k8s_manifests import new_job_name, render_job
+
+    from pipeline.launch.k8s_settings import KubernetesLaunchConfig
 
     cfg = KubernetesLaunchConfig(namespace=NS, image=FAKE_IMAGE, command=FAKE, termination_grace_seconds=grace)
     name = new_job_name("pretrain", run_id)
@@ -34,7 +36,7 @@ def _job(standin, run_id: str, grace: int = 3) -> str:
 
 def test_a_restarted_run_stops_its_previous_attempt_and_orphans_but_not_live_runs(
         k8s_standin, flow_env, monkeypatch):  # noqa: F811
-    import pipeline.launch.kubernetes as kubernetes
+    from pipeline.launch import k8s_api
     from kubernetes import client as k8s
     from prefect import flow
     from prefect.client.orchestration import get_client
@@ -43,7 +45,7 @@ def test_a_restarted_run_stops_its_previous_attempt_and_orphans_but_not_live_run
     from flows.parameters import TrainingParameters
     from tests.k8s_standin.fixture import wait_for
 
-    monkeypatch.setattr(kubernetes, "default_api_client", k8s_standin.api_client)
+    monkeypatch.setattr(k8s_api, "default_api_client", k8s_standin.api_client)
     monkeypatch.setenv("PIPELINE_K8S_CONFIG", json.dumps({"namespace": NS}))
     k8s.CoreV1Api(k8s_standin.api_client()).create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=NS)))
 

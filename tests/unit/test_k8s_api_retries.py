@@ -6,8 +6,8 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import ProtocolError
 
-import pipeline.launch.kubernetes as kubernetes
-from pipeline.launch.kubernetes import KubernetesApiUnavailable, KubernetesLaunchError, call_api
+from pipeline.launch import k8s_api
+from pipeline.launch.k8s_api import KubernetesApiUnavailable, KubernetesLaunchError, call_api
 
 
 class Script:
@@ -34,7 +34,7 @@ def _api_error(status: int, headers: dict | None = None) -> ApiException:
 @pytest.fixture(autouse=True)
 def no_sleep(monkeypatch):
     waits = []
-    monkeypatch.setattr(kubernetes.time, "sleep", waits.append)
+    monkeypatch.setattr(k8s_api.time, "sleep", waits.append)
     return waits
 
 

@@ -12,8 +12,9 @@ import pytest
 from pipeline.config import TrainerConfig
 from pipeline.errors import ConfigError
 from pipeline.launch.k8s_manifests import (
-    K8S_SCHEMA_VERSION, LAUNCHER_ENV, KubernetesLaunchConfig, master_addr, render_job,
+    K8S_SCHEMA_VERSION, master_addr, render_job,
 )
+from pipeline.launch.k8s_settings import LAUNCHER_ENV, KubernetesLaunchConfig
 from pipeline.launch.shape import render_stage, stage_launch_config
 from pipeline.preflight import PreflightError, check_distributed, rendezvous_timeout
 

@@ -14,8 +14,9 @@ from kubernetes import client as k8s
 
 from pipeline.launch import job_status
 from pipeline.launch.k8s_manifests import (
-    COMPLETION_INDEX_ANNOTATION, CONTAINER_NAME, KubernetesLaunchConfig, render_job,
+    COMPLETION_INDEX_ANNOTATION, CONTAINER_NAME, render_job,
 )
+from pipeline.launch.k8s_settings import KubernetesLaunchConfig
 
 NS, JOB = "ml", "pretrain-run-abc123"
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)

@@ -11,7 +11,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from pipeline.launch.k8s_manifests import K8S_SCHEMA_VERSION, KubernetesLaunchConfig, render_job, render_service
+from pipeline.launch.k8s_manifests import K8S_SCHEMA_VERSION, render_job, render_service
+
+from pipeline.launch.k8s_settings import KubernetesLaunchConfig
 from tests.k8s_standin import kustomize_lite
 
 K8S = Path(__file__).resolve().parents[2] / "k8s"

@@ -7,9 +7,9 @@ import pytest
 from pipeline.params import load_config
 
 from pipeline.launch.k8s_manifests import (
-    COMPLETION_INDEX_ANNOTATION, K8S_SCHEMA_VERSION, KubernetesLaunchConfig, master_addr,
-    new_job_name, render_job, render_service,
+    COMPLETION_INDEX_ANNOTATION, K8S_SCHEMA_VERSION, master_addr, new_job_name, render_job, render_service,
 )
+from pipeline.launch.k8s_settings import KubernetesLaunchConfig
 
 GPU = KubernetesLaunchConfig(
     namespace="train", image="registry.example/pipeline:1.2.3", nodes=2, gpus_per_node=8,

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.launch.k8s_manifests import KubernetesLaunchConfig, render_job
+from pipeline.params import apply_overrides, build_config, read_params
+from pipeline.launch.k8s_manifests import render_job
+from pipeline.launch.k8s_settings import KubernetesLaunchConfig
 from pipeline.launch.shape import set_args, stage_launch_config, user_overrides
 
 K8S = Path(__file__).resolve().parents[2] / "k8s"
@@ -120,23 +122,19 @@ def test_bad_launch_settings_name_the_source_and_key(monkeypatch):
         KubernetesLaunchConfig.from_env()
 
 
-def test_pods_get_the_data_version_pin_but_keep_the_remote_source(tmp_path):
-    from types import SimpleNamespace
-
+def test_pods_get_the_data_version_pin_but_keep_the_remote_source():
     from flows.parameters import TrainingParameters
     from flows.versioning import pin_data
 
-    ws = SimpleNamespace(params_file=tmp_path / "params.yaml")
-    ws.params_file.write_text((Path(__file__).resolve().parents[2] / "params.yaml").read_text())
     source = "s3://bucket/images"
-    params = TrainingParameters(launcher="kubernetes", data_source=source, extra_overrides=["seed=3"])
-    cfg, pod_params = pin_data(ws, params, {"source": source, "data_version": "abc123", "snapshot": "data/source.dvc"})
-    assert (cfg.data.source, cfg.data.version) == ("data/source", "abc123")  # the workspace reads the snapshot
-    shipped = pod_params.overrides()
-    assert f"data.source={source}" in shipped and "data.version=abc123" in shipped and "seed=3" in shipped
-    assert "data.source=data/source" not in shipped
-    local = TrainingParameters(launcher="local", data_source="/data/images")
-    assert pin_data(ws, local, {"source": "/data/images", "data_version": "abc123", "snapshot": "data/source.dvc"})[1] == local
+    params = TrainingParameters(launcher="kubernetes", data_source=source)
+    local, pods = pin_data(params, {"source": source, "data_version": "abc123", "snapshot": "data/source.dvc"})
+    assert local == ["data.version=abc123", "data.source=data/source"]  # the workspace reads the snapshot
+    assert pods == ["data.version=abc123"]  # pods keep the remote source the form named
+    raw = apply_overrides(read_params(Path(__file__).resolve().parents[2] / "params.yaml"), [*params.overrides(), *pods])
+    assert (build_config(raw).data.source, build_config(raw).data.version) == (source, "abc123")
+    builtin = TrainingParameters(launcher="kubernetes")
+    assert pin_data(builtin, {"source": "builtin:digits", "data_version": "x", "snapshot": None}) == ([], [])
     with pytest.raises(ConfigError, match="data.source: '/data/images'"):
-        pin_data(ws, local.model_copy(update={"launcher": "kubernetes"}), {"source": "/data/images",
+        pin_data(params.model_copy(update={"data_source": "/data/images"}), {"source": "/data/images",
                                                                            "data_version": "abc123"})

@@ -15,7 +15,8 @@ import pytest
 from kubernetes import client as k8s
 
 from pipeline.launch import job_status
-from pipeline.launch.k8s_manifests import CONTAINER_NAME, KubernetesLaunchConfig, render_job
+from pipeline.launch.k8s_manifests import CONTAINER_NAME, render_job
+from pipeline.launch.k8s_settings import KubernetesLaunchConfig
 from tests.k8s_standin import k8s_standin  # noqa: F401  (pytest fixture)
 from tests.k8s_standin.cluster import Cluster
 

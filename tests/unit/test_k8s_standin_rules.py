@@ -11,7 +11,9 @@ import pytest
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from pipeline.launch.k8s_manifests import KubernetesLaunchConfig, render_job, render_service
+from pipeline.launch.k8s_manifests import render_job, render_service
+
+from pipeline.launch.k8s_settings import KubernetesLaunchConfig
 from tests.k8s_standin import k8s_standin  # noqa: F401  (pytest fixture)
 from tests.k8s_standin.server import api_rules
 from tests.k8s_standin.store import ApiError, label_selector

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import subprocess
 
-from flows import promotion
-from pipeline.models import bundle
 from tests.conftest import PYTHON, REPO_ROOT, subprocess_env
 
 
@@ -17,6 +15,3 @@ def test_the_flows_import_no_torch():
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "", f"the flows imported {done.stdout.strip()}"
 
-
-def test_promotion_names_the_released_model_as_the_bundle_writes_it():
-    assert promotion.CLASSIFIER_FILE == bundle.CLASSIFIER_FILE
