@@ -91,6 +91,11 @@ class Stopwatch:
         return time.perf_counter()
 
 
+def goal_met(ok: bool) -> str:
+    """How a bench line reports a goal."""
+    return "met" if ok else "NOT met"
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 

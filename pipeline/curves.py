@@ -1,6 +1,6 @@
 """Training curves for people and for the flow: read the runs' DVCLive folders, write one JSON and one PNG.
 
-During fit, rank 0 logs each run's curves with DVCLive (pipeline/training.py: CurveLogger, TrainCurves),
+During fit, rank 0 logs each run's curves with DVCLive (pipeline/training/curve_logging.py: CurveLogger, TrainCurves),
 and each training stage publishes the run's DVCLive folder inside its own DVC output:
 
     <pretrain output>/curves/               pretraining                      (models/pretrain/curves/)
@@ -31,7 +31,7 @@ from pathlib import Path
 
 from pipeline import storage
 
-CURVES_DIR = "curves"  # pipeline/training.py publishes under the same name (training.CURVES_DIR)
+CURVES_DIR = "curves"  # the training stages publish their DVCLive folder under this name (pipeline/training/)
 CURVES_JSON = "curves.json"
 CURVES_PNG = "curves.png"  # the model card's "curves" entry (pipeline/model_card.py renders it)
 RUNS = ("pretrain", "finetuned", "scratch")

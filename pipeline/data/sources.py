@@ -9,7 +9,8 @@
 Names starting with "." (.DS_Store, macOS `._x.jpg` forks, .ipynb_checkpoints) are not images or classes.
 
 `scan_source` reads each file once: its sha256 and its header (size, mode), never its pixels, so
-nothing holds the dataset in memory. Every problem is collected before failing, each naming its file
+nothing holds the dataset in memory; a local file unchanged since a scan read it is not read again
+(pipeline/data/file_hashes.py). Every problem is collected before failing, each naming its file
 or folder, so one run tells the user everything to fix. An s3:// source is listed once (the listing
 carries each object's ETag) and each object kept in a local cache (pipeline/data/object_cache.py).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, Union
@@ -26,6 +28,7 @@ import numpy as np
 from pipeline import s3, storage
 from pipeline.config import Config
 from pipeline.data import object_cache
+from pipeline.data.file_hashes import FileHashes, Known
 from pipeline.data.glyphs import GLYPHS, RENDERER, GlyphParams, glyph_params
 from pipeline.data.images import IMAGE_SUFFIXES, is_image_name, probe
 from pipeline.data.shards import UNLABELLED
@@ -194,21 +197,31 @@ def _hash(root: str, listed: list[tuple[str, int, dict]], min_size: int) -> tupl
     fs = storage.filesystem(root)[0]
     remote, display = storage.is_remote(root), _displayer(root)
     cache = s3.cache_dir() if remote else None
+    hashes = FileHashes(None) if remote else FileHashes.default()  # local files: unchanged ones are not read
+    hashes.load(root)
 
     def one(entry: tuple[str, int, dict]) -> tuple[Item | None, str | None, bool]:
         name, label, info = entry
         shown = display(name)
-        # S3 access errors (denied, vanished) propagate: one message, not one per object.
-        data, origin, downloaded = object_cache.fetch(fs, name, info, shown, cache) if remote else (None, name, False)
-        try:
-            data = object_cache.read_origin(name, shown) if data is None else data
-            width, height, mode = probe(data, shown)
-        except DataError as exc:
-            return None, exc.problems[0], downloaded
+        stat = None if remote else _stat(name)
+        known = hashes.lookup(name, stat) if stat is not None else None
+        if known is None:
+            # S3 access errors (denied, vanished) propagate: one message, not one per object.
+            data, origin, downloaded = object_cache.fetch(fs, name, info, shown, cache) if remote else (None, name, False)
+            try:
+                data = object_cache.read_origin(name, shown) if data is None else data
+                known = Known(hashlib.sha256(data).hexdigest(), *probe(data, shown))
+            except DataError as exc:
+                return None, exc.problems[0], downloaded
+            if stat is not None:
+                hashes.remember(name, stat, known)
+        else:
+            origin, downloaded = name, False
+        width, height = known.width, known.height
         if min(width, height) < min_size:
             return None, _TooSmall(f"{shown}: {width}x{height} px, shorter side below data.min_image_size="
                                    f"{min_size} (too small to resize up without making blur)", min(width, height)), downloaded
-        return Item(shown, label, origin, hashlib.sha256(data).hexdigest(), width, height, mode), None, downloaded
+        return Item(shown, label, origin, known.sha256, width, height, known.mode), None, downloaded
 
     items, problems, downloaded = [], [], 0
     with ThreadPoolExecutor(32 if remote else None) as pool:  # S3: many GETs in flight; local: ~ the cores
@@ -216,6 +229,7 @@ def _hash(root: str, listed: list[tuple[str, int, dict]], min_size: int) -> tupl
             downloaded += fetched
             items += [item] if item else []
             problems += [problem] if problem else []
+    hashes.save()
     if remote:
         print(f"[source] {root}: {len(listed)} images, {downloaded} downloaded, "
               f"{len(listed) - downloaded} from the local cache", flush=True)
@@ -304,6 +318,14 @@ def _count_problems(root: str, kind: Kind, classes: list[str], items: list[Item]
     counts = collections.Counter(item.label for item in items)
     return [f"{root.rstrip('/')}/{name}: {counts[label]} image(s); need at least {need}"
             for label, name in enumerate(classes) if 0 < counts[label] < need]
+
+
+def _stat(path: str):
+    """Taken before the file is read: a write during the read changes it, so the next scan reads again."""
+    try:
+        return os.stat(path)
+    except OSError:
+        return None  # read_origin names the problem
 
 
 def _displayer(root: str):

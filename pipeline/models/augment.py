@@ -1,7 +1,7 @@
 """Batched, on-device image augmentation: random affine (rotate, scale, shift) plus noise.
 
 Runs inside the training step on whole batches, so it costs one grid_sample per batch
-on the accelerator instead of per-image Python work in DataLoader workers.
+on the accelerator instead of per-image Python work on the loader's threads.
 """
 from __future__ import annotations
 

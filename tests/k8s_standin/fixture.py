@@ -8,8 +8,10 @@ FAKE_IMAGE instead: the same image plus tests/k8s_standin/fake_stage.py (Contain
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -44,9 +46,12 @@ def fakes_image() -> str:
     if not _fakes:
         base, name = require_image(), "localhost/pipeline-fakes:dev"
         here = Path(__file__).parent
-        done = subprocess.run(["buildah", "bud", "--isolation", "chroot", "--layers", "--quiet", "-f",
-                               str(here / "Containerfile.fakes"), "--build-arg", f"BASE={base}", "-t", name, str(here)],
-                              capture_output=True, text=True)
+        # pytest-xdist workers build it too: one build at a time moves the tag (a second finds every layer cached).
+        with open(Path(tempfile.gettempdir()) / "pipeline-fakes-image.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            done = subprocess.run(["buildah", "bud", "--isolation", "chroot", "--layers", "--quiet", "-f",
+                                   str(here / "Containerfile.fakes"), "--build-arg", f"BASE={base}", "-t", name,
+                                   str(here)], capture_output=True, text=True)
         if done.returncode:
             pytest.fail(f"building {name}: {done.stderr.strip()[-500:]}", pytrace=False)
         _fakes["image"] = name

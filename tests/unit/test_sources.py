@@ -208,3 +208,39 @@ def test_stratified_split_is_seeded_and_stratified():
         counts = np.bincount(first[labels == label], minlength=3)
         assert counts[SPLITS["test"]] == 10 and counts[SPLITS["val"]] == 6 and counts[SPLITS["train"]] == 24
 
+
+
+def test_an_unchanged_local_file_is_not_read_again_and_a_changed_one_is(tmp_path: Path, cfg, monkeypatch):
+    from pipeline.data import object_cache
+
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))
+    root = make_image_folder(tmp_path / "digits", classes=3, per_class=4)
+    reads = []
+    real_read = object_cache.read_origin
+    monkeypatch.setattr(object_cache, "read_origin", lambda origin, shown: reads.append(shown) or real_read(origin, shown))
+    first = scan_source(str(root), "data", cfg)
+    assert len(reads) == 12 and (tmp_path / "cache" / "file-hashes.sqlite").is_file()
+    reads.clear()
+    again = scan_source(str(root), "data", cfg)
+    assert reads == [] and again.content_id() == first.content_id()
+    assert [(i.path, i.sha256, i.width, i.height, i.mode, i.origin) for i in again.items] == \
+        [(i.path, i.sha256, i.width, i.height, i.mode, i.origin) for i in first.items]
+    changed = root / "digit1" / "002.png"
+    write_png(changed, np.full((8, 8), 200, dtype=np.uint8))  # new bytes: a new mtime
+    third = scan_source(str(root), "data", cfg)
+    assert reads == [str(changed)]
+    assert next(i for i in third.items if i.path == str(changed)).sha256 == hashlib.sha256(changed.read_bytes()).hexdigest()
+    assert third.content_id() != first.content_id()
+
+
+def test_with_the_caches_off_every_file_is_read(tmp_path: Path, cfg, monkeypatch):
+    from pipeline.data import object_cache
+
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", "off")
+    root = make_image_folder(tmp_path / "digits", classes=3, per_class=2)
+    reads = []
+    real_read = object_cache.read_origin
+    monkeypatch.setattr(object_cache, "read_origin", lambda origin, shown: reads.append(shown) or real_read(origin, shown))
+    scan_source(str(root), "data", cfg)
+    scan_source(str(root), "data", cfg)
+    assert len(reads) == 12
