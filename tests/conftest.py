@@ -142,6 +142,13 @@ def make_image_folder(root: Path, classes: int = 3, per_class: int = 10) -> Path
     return root
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked slow first: `make test` runs on pytest-xdist workers, which take tests in this order, so the
+    minute-long ones start at once and the many quick ones fill the gaps at the end (no worker left alone
+    with a long test while the other is idle)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     """A tmp cwd for subprocess runs: a copy of params.yaml, no outputs yet."""
