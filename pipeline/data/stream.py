@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.data.shards import SplitShards, fetch_shard, parse_shard
+from pipeline.data.shards import SplitShards, fetch_shard, parse_shard, shard_arrays
 
 WINDOW = 2  # shards shuffled together while streaming: more mixing for one more shard in memory
 
@@ -278,7 +278,7 @@ class ShardStream:
     def _read_in_order(self, indices: list[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Shards' (images, labels) in the given order, fetched and parsed on `readahead` threads ahead of the
         consumer. A cached share's shards are parsed into their slots of the share's buffer (kept for later
-        epochs); streamed ones into arrays of their own, freed once used."""
+        epochs); streamed ones are views of their own bytes (shard_arrays), freed once used."""
         if not indices:
             return
         held = self._mode() == "cached" or self._mode() == "global"
@@ -286,19 +286,16 @@ class ShardStream:
             self._share_buffer()  # allocated here, once: the reader threads only fill their slots
 
         def load(index: int) -> tuple[np.ndarray, np.ndarray]:
-            count = self.source.counts[index]
-            if held:
-                images, labels = self._share_buffer()
-                start = self._slots[index]
-                out_images, out_labels = images[start:start + count], labels[start:start + count]
-            else:
+            count, uri = self.source.counts[index], self.source.uris[index]
+            if not held:  # a view of the shard's bytes where it can be: the batch gather is the one copy
                 channels, height, width = self.source.image_shape
-                out_images, out_labels = np.empty((count, height, width, channels), np.uint8), np.empty(count, np.int64)
-            if not (held and index in self._filled):
-                out_labels[:] = parse_shard(fetch_shard(self.source.uris[index]), self.source.uris[index], count,
-                                            out_images)
-                if held:
-                    self._filled.add(index)
+                return shard_arrays(fetch_shard(uri), uri, count, (height, width, channels))
+            images, labels = self._share_buffer()
+            start = self._slots[index]
+            out_images, out_labels = images[start:start + count], labels[start:start + count]
+            if index not in self._filled:
+                out_labels[:] = parse_shard(fetch_shard(uri), uri, count, out_images)
+                self._filled.add(index)
             return out_images, out_labels
 
         with ThreadPoolExecutor(max_workers=self.readahead, thread_name_prefix="shard-read") as pool:

@@ -7,7 +7,7 @@ import pytest
 import webdataset as wds
 
 from pipeline.data import shards
-from pipeline.data.shards import Sample, fetch_shard, parse_shard, write_split
+from pipeline.data.shards import Sample, fetch_shard, parse_shard, shard_arrays, write_split
 
 SHAPES = [(8, 8, 1), (64, 64, 3), (5, 7, 3)]
 
@@ -38,12 +38,19 @@ def test_the_strided_parse_reads_what_the_general_path_reads(tmp_path, shape, mo
     (entry, *_) = write_split(tmp_path, "train", samples, 10)
     data = fetch_shard(str(tmp_path / entry["name"]))
     fast_images = np.empty((10, *shape), np.uint8)
-    assert shards._parse_uniform(data, 10, fast_images) is not None  # write_split's layout takes the fast path
+    assert shards._uniform_view(data, 10, shape) is not None  # write_split's layout takes the fast path
     fast_labels = parse_shard(data, "shard", 10, fast_images)
-    monkeypatch.setattr(shards, "_parse_uniform", lambda *args: None)
+    view_images, view_labels = shard_arrays(data, "shard", 10, shape)
+    # A streamed shard is not copied where its tar records add little (64 px and up); tiny images are, compactly.
+    small_records = len(data) <= shards.VIEW_OVERHEAD * fast_images.nbytes
+    assert np.shares_memory(view_images, np.frombuffer(data, np.uint8)) == small_records == (shape == (64, 64, 3))
+    monkeypatch.setattr(shards, "_uniform_view", lambda *args: None)
     general_images = np.empty((10, *shape), np.uint8)
     general_labels = parse_shard(data, "shard", 10, general_images)
-    assert np.array_equal(fast_images, general_images) and np.array_equal(fast_labels, general_labels)
+    own_images, own_labels = shard_arrays(data, "shard", 10, shape)
+    for images, labels in ((general_images, general_labels), (view_images, view_labels), (own_images, own_labels)):
+        assert np.array_equal(fast_images, images) and np.array_equal(fast_labels, labels)
+    assert not np.shares_memory(own_images, np.frombuffer(data, np.uint8))
     assert np.array_equal(fast_images, np.stack([s.image for s in samples[:10]]))
     assert fast_labels.tolist() == [s.label for s in samples[:10]]
 
@@ -58,3 +65,6 @@ def test_a_shard_not_as_the_manifest_says_is_refused_by_both_paths(tmp_path):
         parse_shard(data[:len(data) // 2 + 7], "shard", 10, np.empty((10, 64, 64, 3), np.uint8))
     with pytest.raises(OSError, match="truncated or replaced shard"):  # another image shape
         parse_shard(data, "shard", 10, np.empty((10, 32, 32, 3), np.uint8))
+    for expected in (9, 11):  # the streamed path refuses what the held one refuses
+        with pytest.raises(OSError, match="the manifest says"):
+            shard_arrays(data, "shard", expected, (64, 64, 3))
