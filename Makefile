@@ -35,7 +35,7 @@ test:  ## the whole test suite: sets up .venv and builds the image its Kubernete
 	IMAGE=$(IMAGE) PYTEST_ARGS="$(PYTEST_ARGS)" bash scripts/test.sh
 
 test-fast: setup image  ## the fast tier: every test not marked slow (unit tests, launcher and kubectl on the stand-in)
-	$(BIN)/python -m pytest -n $${PYTEST_WORKERS:-2} -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $${PYTEST_WORKERS:-2} --maxschedchunk 1 -m "not slow" $(PYTEST_ARGS)
 
 ui: setup  ## Prefect server + UI on http://127.0.0.1:$${PIPELINE_UI_PORT:-4200} serving the train/retrain deployments; a taken port is exit 2
 	$(BIN)/python -m flows.serve

@@ -8,7 +8,7 @@ then the wall-time ratio is Lightning's overhead.
 The Lightning side is `pipeline.training.fit` itself, the driver every stage uses, with
 its checkpoint interval set past the last step and no validation set: what is timed is the
 training loop, not checkpoint I/O or validation the hand-written loop would not do. The
-hand-written side uses the same `training.loader`, `Classifier.configure_optimizers` and
+hand-written side uses the same `training.stream`, `Classifier.configure_optimizers` and
 step arithmetic (augment -> forward -> cross-entropy and accuracy -> backward -> step).
 Augmentation and dropout stay on: both loops draw the same random numbers in the same order.
 """

@@ -18,7 +18,9 @@ if ! wait "$build"; then
 fi
 tail -n 1 "$log"
 # Two pytest-xdist workers (PYTEST_WORKERS; 0 runs in this process): half the suite's time is spent waiting
-# on servers, pods and subprocesses, and a third worker on two cores only makes each test slower.
+# on servers, pods and subprocesses, and a third worker on two cores only makes each test slower. Tests go
+# out one at a time, slow ones first (tests/conftest.py): xdist's default hands each worker a block of
+# consecutive tests, which gave one worker every slow test.
 # PYTEST_ARGS is a word list on purpose (e.g. "-x tests/unit").
 # shellcheck disable=SC2086
-exec .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" ${PYTEST_ARGS:-}
+exec .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" --maxschedchunk 1 ${PYTEST_ARGS:-}

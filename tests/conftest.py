@@ -143,9 +143,9 @@ def make_image_folder(root: Path, classes: int = 3, per_class: int = 10) -> Path
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked slow first: `make test` runs on pytest-xdist workers, which take tests in this order, so the
-    minute-long ones start at once and the many quick ones fill the gaps at the end (no worker left alone
-    with a long test while the other is idle)."""
+    """Tests marked slow first: `make test` hands them to two pytest-xdist workers one at a time in this order
+    (--maxschedchunk 1), so the minute-long ones start at once and the many quick ones fill the gaps at the end
+    (no worker left alone with a long test while the other is idle)."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
