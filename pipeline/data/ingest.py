@@ -30,7 +30,7 @@ from pipeline.data.decoding import Decoder
 from pipeline.data.images import Transform
 from pipeline.data.shards import Sample, samples_per_shard, write_split
 from pipeline.data.sources import SourceScan
-from pipeline.data.tasks import SPLITS
+from pipeline.data.splits import SPLITS
 from pipeline.runinfo import write_usage
 from pipeline.errors import DataError
 
@@ -38,7 +38,7 @@ DOWNSCALE_WARNING = 4  # median source side >= this x image_size: the user proba
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
-    """Split codes (pipeline.data.tasks.SPLITS) of train/val/test, each class in proportion."""
+    """Split codes (pipeline.data.splits.SPLITS) of train/val/test, each class in proportion."""
     index = np.arange(len(labels))
     rest, test = train_test_split(index, test_size=test_fraction, stratify=labels, random_state=seed)
     train, val = train_test_split(

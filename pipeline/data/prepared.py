@@ -8,7 +8,7 @@ import numpy as np
 from pipeline import storage
 from pipeline.data.shards import SplitShards, read_shard, split_shards
 from pipeline.data.stream import InMemorySplit
-from pipeline.data.tasks import SPLITS, select_indices
+from pipeline.data.splits import SPLITS, select_indices
 
 
 @dataclass

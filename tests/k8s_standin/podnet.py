@@ -63,8 +63,11 @@ def socket_in(netns: str, kind: int, address: tuple[str, int]) -> socket.socket:
 
 class PodNetwork:
     def __init__(self, prefix: str | None = None):
-        self.prefix = prefix or f"sti{random.randrange(16**4):04x}"
-        r, s = random.randrange(200, 250), random.randrange(0, 256)
+        # Namespace names are global to the machine: drawn from os.urandom, not from `random`, which a training
+        # test seeds (seed_everything), so two pytest-xdist workers would draw the same name.
+        draw = random.SystemRandom()
+        self.prefix = prefix or f"sti{draw.randrange(16**4):04x}"
+        r, s = draw.randrange(200, 250), draw.randrange(0, 256)
         self.subnet = f"10.{r}.{s}"
         self.node_ip = f"{self.subnet}.1"
         self.node_ns = f"{self.prefix}node"

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.data.shards import UNLABELLED
 from pipeline.data.sources import content_id, scan_source
-from pipeline.data.tasks import SPLITS
+from pipeline.data.splits import SPLITS
 from pipeline.errors import DataError
 from pipeline.stages.prepare import data_version, stratified_split
 from tests.conftest import make_image_folder, tiny_config, write_photo, write_png
