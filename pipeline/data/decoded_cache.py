@@ -29,6 +29,9 @@ class DecodedCache:
     def _slot(self, sha256: str, transform: Transform) -> Path:
         return self.root / transform.key / sha256[:2] / f"{sha256}.npy"
 
+    def has(self, sha256: str, transform: Transform) -> bool:
+        return self.root is not None and self._slot(sha256, transform).is_file()
+
     def get(self, sha256: str, transform: Transform) -> np.ndarray | None:
         if self.root is None:
             return None

@@ -80,7 +80,10 @@ class Decoder:
 
     def _results(self, items: Sequence[Item]) -> Iterator[tuple]:
         batches = (list(items[i:i + BATCH]) for i in range(0, len(items), BATCH))
-        if self.workers == 1 or all(_ready(item, self.transform) for item in items):
+        # Nothing to decode (in-memory pixels, or every file decoded before: an unchanged source's re-run): reading
+        # the cache here beats starting worker processes and piping every image back from them.
+        if self.workers == 1 or all(_ready(item, self.transform) or self.cache.has(item.sha256, self.transform)
+                                    for item in items):
             for batch in batches:
                 yield from _load_batch(batch, self.transform, self.cache)
             return
