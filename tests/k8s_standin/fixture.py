@@ -153,8 +153,9 @@ class StandIn:
         self.cluster.shutdown()
 
 
-def wait_for(predicate, what: str, timeout: float = 30.0, poll: float = 0.05):
-    """The predicate's first truthy value, polled; AssertionError naming `what` after `timeout` s."""
+def wait_for(predicate, what: str, timeout: float = 90.0, poll: float = 0.05):
+    """The predicate's first truthy value, polled; AssertionError naming `what` after `timeout` s. A wait, not a
+    timing check: generous, because two pytest-xdist workers on two cores can delay a pod's start by tens of s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
